@@ -1,0 +1,1 @@
+"""Shared layers and backbones: attention with a JVP, time embeddings, U-Net, DiT."""
