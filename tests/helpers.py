@@ -1,0 +1,32 @@
+"""Small models shared by the tests of the core."""
+
+import torch
+
+
+class TinyNet(torch.nn.Module):
+    """A small smooth backbone with the scm-mm net contract, for tests of the core.
+
+    net(x, c_noise, labels=None, guidance=None): x (B, C, *dims). Optional dropout, labels, guidance.
+    """
+
+    def __init__(self, channels: int = 2, hidden: int = 32, num_classes: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(channels, hidden)
+        self.time = torch.nn.Linear(2, hidden)
+        self.label = torch.nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        self.guid = torch.nn.Linear(1, hidden)
+        self.drop = torch.nn.Dropout(dropout)
+        self.out = torch.nn.Linear(hidden, channels)
+
+    def forward(self, x, c_noise, labels=None, guidance=None):
+        h = x.movedim(1, -1)
+        c = c_noise / 1000
+        emb = self.time(torch.stack([torch.sin(c), torch.cos(3 * c)], -1))
+        if self.label is not None:
+            lab = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long) if labels is None else labels
+            emb = emb + self.label(torch.where(lab < 0, self.label.num_embeddings - 1, lab))
+        if guidance is not None:
+            emb = emb + self.guid(guidance[:, None].to(emb.dtype))
+        emb = emb.reshape(emb.shape[0], *([1] * (h.ndim - 2)), emb.shape[-1])
+        h = torch.tanh(self.inp(h) + emb)
+        return self.out(self.drop(h)).movedim(-1, 1)
