@@ -1,0 +1,89 @@
+"""Training-step time of sCT and sCD against a teacher (diffusion) step, on the same network and batch.
+
+    python bench/step_time.py                 # U-Net and DiT, CPU, a few minutes
+    python bench/step_time.py --nets dit --batch 8 --repeats 10
+
+Each step is forward + backward + Adam. The sCT step adds the JVP (torch.func.jvp of the student
+under no_grad); the sCD step adds that and the teacher's forward. The three kinds of step are timed
+in rounds (teacher, sCT, sCD, teacher, ...) so that machine noise hits all of them alike; the table
+gives medians and the ratios of medians. Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
+from scm_mm.nn.dit import DiT
+from scm_mm.nn.unet import UNet
+
+NETS = {
+    # A CIFAR-like pixel U-Net and a latent DiT, sized so one step takes about a second on 2 cores.
+    "unet": (lambda: UNet(3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,)), (3, 32, 32)),
+    "dit": (lambda: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4), (4, 32, 32)),
+}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_net(name: str, batch: int, repeats: int, device: str) -> dict[str, float]:
+    build, shape = NETS[name]
+    torch.manual_seed(0)
+    student = TrigFlowPrecond(build()).to(device)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    params = sum(p.numel() for p in student.net.parameters())
+    opt = torch.optim.Adam(student.parameters(), lr=1e-5)
+    x0 = torch.randn(batch, *shape, device=device) * 0.5
+    diffusion, scm = DiffusionLoss(), SCMLoss()
+
+    def step(kind: str) -> None:
+        if kind == "teacher":
+            loss, _ = diffusion(student, x0)
+        else:
+            loss, _ = scm(student, x0, teacher=teacher if kind == "sCD" else None, step=10**6)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    kinds = ("teacher", "sCT", "sCD")
+    for kind in kinds:  # warm-up
+        step(kind)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for kind in kinds:
+            times[kind].append(timed(lambda: step(kind)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"| {name} | {params / 1e6:.2f}M | {batch}x{'x'.join(map(str, shape))} | {med['teacher'] * 1e3:.0f} "
+        f"| {med['sCT'] * 1e3:.0f} | {med['sCD'] * 1e3:.0f} | {med['sCT'] / med['teacher']:.2f} "
+        f"| {med['sCD'] / med['teacher']:.2f} |",
+        flush=True,
+    )
+    return med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    print("| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.nets:
+        bench_net(name, args.batch, args.repeats, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Time, label, guidance and token-grid embeddings shared by every backbone.
+
+sCM §4.1: the time input is c_noise(t) = t (scaled by the wrapper: c_noise = 1000·t) and is embedded
+with sinusoidal *positional* embeddings, which behave like Fourier features of scale ≈ 0.02; large
+Fourier scales (e.g. 16) make continuous-time training unstable (Fig. 4). The sinusoids are computed
+in float32 (float64 for float64 inputs) whatever the autocast state: in rCM #10 an sCM run that
+collapsed after a gradient spike was fixed by, among other things, an fp32 timestep embedding.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _embedding_dtype(x: torch.Tensor) -> torch.dtype:
+    # At least float32; float64 stays float64 so the fp64 checks see no rounding.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _sinusoid(positions: torch.Tensor, num_channels: int, max_positions: float) -> torch.Tensor:
+    """positions (N,) -> (N, num_channels): [cos(p·ω_i), sin(p·ω_i)], ω_i = max_positions^(-i/half)."""
+    half = num_channels // 2
+    freqs = torch.arange(half, device=positions.device, dtype=positions.dtype) / half
+    freqs = max_positions ** (-freqs)  # (half,) from 1 down to ~1/max_positions
+    angles = positions[:, None] * freqs[None, :]  # (N, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of one scalar per sample (sCM §4.1, not Fourier features).
+
+    forward: x (B,) float -> (B, num_channels) in float32, or float64 if x is float64.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,  # output width; even: one cos and one sin per frequency
+        max_positions: float = 10000,  # lowest frequency is ~1/max_positions rad per unit of input
+    ) -> None:
+        super().__init__()
+        if num_channels % 2 != 0:
+            raise ValueError(f"PositionalEmbedding needs an even num_channels, got {num_channels}")
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 1:
+            raise ValueError(f"PositionalEmbedding expects shape (B,), got {tuple(x.shape)}")
+        # Frequencies are rebuilt per call (no buffer): model.to(bfloat16) cannot round them.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _sinusoid(x.to(_embedding_dtype(x)), self.num_channels, self.max_positions)
+
+
+class ConditionEmbedding(nn.Module):
+    """(c_noise, labels, guidance) -> emb (B, emb_dim), already passed through SiLU.
+
+    emb = SiLU( MLP(pos(c_noise)) + E[label] + Linear_g(pos(guidance_scale · s)) ).
+
+    - c_noise: (B,) float, the wrapper's 1000·t.
+    - labels: None or (B,) integer; -1 (and None) selects the learned null row (row num_classes),
+      the unconditional branch of CFG.
+    - guidance: None or (B,) float, the CFG scale s given to a distilled sCD student (App. G.2: a
+      positional embedding of s followed by a linear layer, added to the time embedding); None = 1.
+      Linear_g is zero-initialised so a student initialised from its teacher starts with the teacher's
+      function for every s (App. G.2 initialises sCD from the teacher's EMA weights).
+
+    The returned embedding is post-activation: consumers apply a Linear only.
+    """
+
+    def __init__(
+        self,
+        emb_dim: int,  # width of the embedding handed to every block
+        noise_channels: int = 256,  # width of the sinusoidal embeddings of c_noise and s
+        num_classes: int = 0,  # 0 = unconditional; else an (num_classes + 1)-row table, last = null
+        guidance_embed: bool = False,  # add the App. G.2 guidance-scale input
+        guidance_scale: float = 1000.0,  # s is embedded as pos(guidance_scale · s); see below
+        max_positions: float = 10000,  # of the positional embeddings
+    ) -> None:
+        super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.guidance_embed = guidance_embed
+        # Same factor as c_noise = 1000·t: s in [1, 2] (App. G.2 trains on s ~ U[1, 2]) then spans
+        # about the band t in [0, π/2] does, the band the positional embedding resolves. Fed raw,
+        # s in [1, 2] would move only the few highest frequencies and barely change the embedding.
+        self.guidance_scale = guidance_scale
+        self.pos = PositionalEmbedding(noise_channels, max_positions=max_positions)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(noise_channels, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
+        )
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.guidance_linear = nn.Linear(noise_channels, emb_dim) if guidance_embed else None
+        if self.guidance_linear is not None:
+            nn.init.zeros_(self.guidance_linear.weight)
+            nn.init.zeros_(self.guidance_linear.bias)
+
+    def forward(
+        self,
+        c_noise: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if c_noise.ndim != 1:
+            raise ValueError(f"c_noise must have shape (B,), got {tuple(c_noise.shape)}")
+        batch = c_noise.shape[0]
+        # Compute the sinusoid in fp32, then meet the parameters' dtype (autocast handles the rest).
+        param_dtype = self.time_mlp[0].weight.dtype
+        emb = self.time_mlp(self.pos(c_noise).to(param_dtype))  # (B, emb_dim)
+
+        if labels is not None and self.label_embed is None:
+            raise ValueError("labels were given but the network was built with num_classes=0")
+        if self.label_embed is not None:
+            if labels is None:
+                labels = torch.full((batch,), -1, dtype=torch.long, device=c_noise.device)
+            if labels.shape != (batch,) or labels.dtype.is_floating_point:
+                raise ValueError(
+                    f"labels must be an integer tensor of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}"
+                )
+            # Real labels look up rows [0, num_classes), so num_classes itself fails in the lookup
+            # instead of silently aliasing the null row; -1 selects the null row.
+            table = self.label_embed.weight  # (num_classes + 1, emb_dim)
+            null = (labels == -1)[:, None]  # (B, 1)
+            real = nn.functional.embedding(labels.masked_fill(null[:, 0], 0), table[:-1])
+            emb = emb + torch.where(null, table[-1], real)
+
+        if guidance is not None and self.guidance_linear is None:
+            raise ValueError("guidance was given but the network was built with guidance_embed=False")
+        if self.guidance_linear is not None:
+            if guidance is None:
+                guidance = torch.ones(batch, dtype=c_noise.dtype, device=c_noise.device)
+            if guidance.shape != (batch,):
+                raise ValueError(f"guidance must have shape ({batch},), got {tuple(guidance.shape)}")
+            s_emb = self.pos(guidance * self.guidance_scale).to(param_dtype)  # (B, noise_channels)
+            emb = emb + self.guidance_linear(s_emb)
+        return nn.functional.silu(emb)
+
+
+def sincos_grid_embedding(
+    grid: Sequence[int],
+    num_channels: int,
+    max_positions: float = 10000,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fixed sin-cos embedding of a token grid, factorized per axis: (prod(grid), num_channels).
+
+    Each of the len(grid) axes gets an even share of the channels (leftover channels are zero)
+    holding a 1-D sinusoid of its integer index. Tokens are in row-major order, i.e. the order of
+    einops "(t h w)". Built from the grid at call time, so any number of audio or video frames
+    works, and position i gets the same code whatever the length.
+    """
+    ndim = len(grid)
+    per_axis = (num_channels // ndim) // 2 * 2
+    if per_axis == 0:
+        raise ValueError(f"num_channels={num_channels} is too small for a {ndim}-D grid")
+    axes = [torch.arange(n, device=device, dtype=torch.float64) for n in grid]
+    coords = torch.meshgrid(*axes, indexing="ij")  # ndim x grid
+    # One (N, per_axis) block per axis.
+    parts = [_sinusoid(c.reshape(-1), per_axis, max_positions) for c in coords]
+    emb = torch.cat(parts, dim=1)  # (N, ndim * per_axis)
+    pad = num_channels - emb.shape[1]
+    if pad:
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], pad)], dim=1)
+    return emb.to(dtype)

@@ -1,0 +1,295 @@
+"""Backbones: shapes, conditioning, JVP vs finite differences, dropout replay, zero-init guidance.
+
+Tiny configs so the whole file runs in seconds on 2 CPU cores.
+"""
+
+import math
+
+import pytest
+import torch
+from einops import rearrange
+from torch.func import jvp
+
+import scm_mm.nn.attention as attention_module
+from scm_mm.nn.dit import GRID_AXES, PATCHIFY, UNPATCHIFY, DiT
+from scm_mm.nn.embeddings import ConditionEmbedding, PositionalEmbedding, sincos_grid_embedding
+from scm_mm.nn.mlp import MLP
+from scm_mm.nn.norm import AdaptiveDoubleNorm, pixel_norm
+from scm_mm.nn.unet import UNet
+
+B = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on shared cores OpenMP's spin-waits made
+    # this file 10-20x slower (80 s vs 5 s on 2 busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CASES = ["mlp", "unet1d", "unet2d", "unet3d", "dit1d", "dit2d", "dit3d"]
+ATTENTION_CASES = [c for c in CASES if c != "mlp"]
+
+
+def make(case: str, **kw) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """A tiny net of the given family and the shape of its input x."""
+    if case == "mlp":
+        return MLP(2, hidden=32, depth=2, noise_channels=16, **kw), (B, 2)
+    if case.startswith("unet"):
+        dims = int(case[4])
+        net = UNet(
+            2,
+            dims=dims,
+            model_channels=8,
+            channel_mult=(1, 2),
+            num_blocks=1,
+            head_channels=8,
+            **kw,
+        )
+        return net, (B, 2, *{1: (8,), 2: (8, 8), 3: (4, 4, 4)}[dims])
+    dims = int(case[3])
+    patch = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dims]
+    net = DiT(2, patch_size=patch, hidden=24, depth=2, heads=2, noise_channels=16, **kw)
+    return net, (B, 2, *{1: (8,), 2: (4, 4), 3: (2, 4, 4)}[dims])
+
+
+@torch.no_grad()
+def randomize(net: torch.nn.Module, skip: str | None = None) -> torch.nn.Module:
+    """Give the zero-initialised layers random values, or most tests would compare zeros."""
+    for name, p in net.named_parameters():
+        if (skip is None or skip not in name) and p.abs().max() == 0:
+            p.normal_(0.0, 0.2)
+    return net
+
+
+def inputs(shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+    x = torch.randn(shape, dtype=dtype)
+    c_noise = 1000 * torch.rand(shape[0], dtype=dtype) * math.pi / 2  # 1000·t, t in [0, π/2]
+    return x, c_noise
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shapes_and_conditioning(case: str) -> None:
+    torch.manual_seed(0)
+    net, shape = make(case, out_channels=3, num_classes=5, guidance_embed=True)
+    net = randomize(net).eval()
+    x, c = inputs(shape)
+    labels = torch.tensor([0, 4])
+    y = net(x, c, labels, torch.tensor([1.0, 2.0]))
+    assert y.shape == (shape[0], 3, *shape[2:])
+    assert torch.isfinite(y).all()
+    # None means "all null"; -1 is the null label; real labels change the output.
+    y_none = net(x, c)
+    torch.testing.assert_close(net(x, c, torch.full((B,), -1)), y_none, rtol=0, atol=0)
+    assert not torch.allclose(net(x, c, labels), y_none)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_unconditional_rejects_labels_and_guidance(case: str) -> None:
+    net, shape = make(case)
+    x, c = inputs(shape)
+    assert net(x, c).shape == shape
+    with pytest.raises(ValueError, match="num_classes=0"):
+        net(x, c, torch.zeros(B, dtype=torch.long))
+    with pytest.raises(ValueError, match="guidance_embed=False"):
+        net(x, c, guidance=torch.ones(B))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_jvp_matches_central_difference(case: str) -> None:
+    torch.manual_seed(1)
+    net, shape = make(case, num_classes=5, guidance_embed=True)
+    net = randomize(net).double().eval()
+    x, c = inputs(shape, torch.float64)
+    tx, tc = torch.randn_like(x), torch.randn_like(c)
+    labels, s = torch.tensor([3, -1]), torch.tensor([1.5, 1.0], dtype=torch.float64)
+
+    def f(x, c):
+        return net(x, c, labels, s)
+
+    y, ty = jvp(f, (x, c), (tx, tc))
+    torch.testing.assert_close(y, f(x, c), rtol=1e-12, atol=1e-12)  # rounding only
+    h = 1e-6
+    fd = (f(x + h * tx, c + h * tc) - f(x - h * tx, c - h * tc)) / (2 * h)
+    assert ty.abs().max() > 1e-3  # a non-trivial tangent
+    torch.testing.assert_close(ty, fd, rtol=1e-6, atol=1e-6 * fd.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_jvp_default_attention_equals_math(case: str) -> None:
+    if not hasattr(attention_module, "attention_backend"):
+        pytest.skip("scm_mm.nn.attention has no attention_backend yet (placeholder op)")
+    torch.manual_seed(2)
+    net, shape = make(case, num_classes=5)
+    net = randomize(net).eval()
+    x, c = inputs(shape)
+    tx, tc = torch.randn_like(x), torch.randn_like(c)
+
+    def f(x, c):
+        return net(x, c, torch.tensor([1, -1]))
+
+    y, ty = jvp(f, (x, c), (tx, tc))
+    with attention_module.attention_backend("math"):
+        y_ref, ty_ref = jvp(f, (x, c), (tx, tc))
+    # float32: the default op may accumulate blockwise, so compare at fp32 precision.
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5 * y_ref.abs().max().item())
+    torch.testing.assert_close(ty, ty_ref, rtol=1e-4, atol=1e-5 * ty_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_jvp_under_bf16_autocast(case: str) -> None:
+    # Catches dtype mismatches between primal and tangent (nn.GroupNorm's affine JVP has one).
+    torch.manual_seed(6)
+    net, shape = make(case, num_classes=5, guidance_embed=True)
+    net = randomize(net).eval()
+    x, c = inputs(shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ty = jvp(lambda x, c: net(x, c, torch.tensor([1, -1])), (x, c), (torch.randn_like(x), torch.ones_like(c)))
+    assert y.shape == ty.shape == shape
+    assert torch.isfinite(ty).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dropout_replays_under_fixed_rng(case: str) -> None:
+    torch.manual_seed(3)
+    net, shape = make(case, dropout=0.3)
+    net = randomize(net).train()
+    x, c = inputs(shape)
+
+    def run(seed: int, tangent: bool = False) -> torch.Tensor:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            if tangent:  # the sCM loss's JVP pass must see the masks of the plain pass
+                return jvp(net, (x, c), (torch.ones_like(x), torch.ones_like(c)))[0]
+            return net(x, c)
+
+    y = run(0)
+    torch.testing.assert_close(run(0), y, rtol=0, atol=0)
+    # Same masks; the dual-tensor kernels may round differently, hence fp32 tolerances.
+    torch.testing.assert_close(run(0, tangent=True), y, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(run(1), y)  # dropout is active
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_guidance_linear_starts_at_zero(case: str) -> None:
+    torch.manual_seed(4)
+    net, shape = make(case, guidance_embed=True)
+    net = randomize(net, skip="guidance").eval()
+    x, c = inputs(shape)
+    y1 = net(x, c, guidance=torch.full((B,), 1.0))
+    torch.testing.assert_close(net(x, c, guidance=torch.full((B,), 2.0)), y1, rtol=0, atol=0)
+    torch.testing.assert_close(net(x, c), y1, rtol=0, atol=0)  # None = s of 1
+    randomize(net)  # now the guidance input is wired to something
+    assert not torch.allclose(net(x, c, guidance=torch.full((B,), 2.0)), net(x, c))
+
+
+BAD_SHAPES = [
+    ("mlp", (B, 2, 1), r"expects x of shape \(B, 2\)"),
+    ("mlp", (B, 3), r"expects x of shape \(B, 2\)"),
+    ("unet2d", (B, 2, 8), r"expects x of 4 dims"),
+    ("unet2d", (B, 3, 8, 8), r"expects 2 channels"),
+    ("unet2d", (B, 2, 8, 7), r"size 7, not divisible by 2"),
+    ("unet3d", (B, 2, 3, 4, 4), r"axis t has size 3, not divisible by 2"),
+    ("dit2d", (B, 2, 4, 4, 4), r"expects x of 4 dims"),
+    ("dit1d", (B, 5, 8), r"expects 2 channels"),
+    ("dit3d", (B, 2, 2, 4, 5), r"not divisible by patch_size \(1, 2, 2\)"),
+]
+
+
+@pytest.mark.parametrize("case,shape,message", BAD_SHAPES)
+def test_bad_shapes_raise(case: str, shape: tuple[int, ...], message: str) -> None:
+    net, _ = make(case)
+    x, c = inputs(shape)
+    with pytest.raises(ValueError, match=message):
+        net(x, c)
+
+
+@pytest.mark.parametrize("case", ["mlp", "unet1d", "dit2d"])
+def test_bad_condition_shapes_raise(case: str) -> None:
+    net, shape = make(case, num_classes=5, guidance_embed=True)
+    x, c = inputs(shape)
+    with pytest.raises(ValueError, match=r"c_noise must have shape \(2,\)"):
+        net(x, c[:1])
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        net(x, c, torch.ones(B))
+    with pytest.raises(ValueError, match=r"guidance must have shape \(2,\)"):
+        net(x, c, guidance=torch.ones(B, 1))
+
+
+def test_unet_resample_axes_keep_frames() -> None:
+    net = UNet(2, dims=3, model_channels=8, channel_mult=(1, 2), num_blocks=1, resample_axes=(1, 2))
+    x, c = inputs((1, 2, 3, 4, 4))  # 3 frames: only h and w are halved
+    assert net(x, c).shape == x.shape
+
+
+def test_dit_variable_length_and_cubic_patches() -> None:
+    net, _ = make("dit1d")
+    for frames in (4, 10):
+        x, c = inputs((B, 2, frames))
+        assert net(x, c).shape == x.shape
+    net = DiT(2, patch_size=(2, 2, 2), hidden=24, depth=1, heads=2, noise_channels=16)
+    x, c = inputs((1, 2, 4, 2, 6))
+    assert net(x, c).shape == x.shape
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_patchify_roundtrip(ndim: int) -> None:
+    patch = {f"p{i + 1}": p for i, p in enumerate((2, 3, 1)[:ndim])}
+    x = torch.randn(2, 3, *(4, 6, 5)[:ndim])
+    grid = dict(zip(GRID_AXES[ndim], (2, 2, 5)[:ndim]))
+    tokens = rearrange(x, PATCHIFY[ndim], **patch)
+    assert tokens.shape == (2, math.prod((2, 2, 5)[:ndim]), 3 * math.prod(patch.values()))
+    torch.testing.assert_close(rearrange(tokens, UNPATCHIFY[ndim], **patch, **grid), x, rtol=0, atol=0)
+
+
+# ---- the pieces ----
+
+
+def test_positional_embedding_float32_under_autocast() -> None:
+    pos = PositionalEmbedding(8)
+    t = torch.tensor([0.0, 1570.8])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = pos(t)
+    assert e.dtype == torch.float32 and e.shape == (2, 8)
+    torch.testing.assert_close(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert pos(t.double()).dtype == torch.float64
+
+
+def test_condition_embedding_null_row_and_rejects_bad_labels() -> None:
+    emb = ConditionEmbedding(16, noise_channels=8, num_classes=3)
+    c = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(emb(c), emb(c, torch.tensor([-1, -1])))
+    with pytest.raises(IndexError):
+        emb(c, torch.tensor([3, 0]))  # 3 would silently alias the null row if it were allowed
+
+
+def test_sincos_grid_embedding_factorized() -> None:
+    e = sincos_grid_embedding((2, 3), 10)  # 2 axes x 4 channels, 2 zero-padded
+    assert e.shape == (6, 10)
+    assert (e[:, 8:] == 0).all()
+    # Row-major tokens: axis-0 code constant along a row, axis-1 code constant down a column.
+    assert torch.equal(e[0, :4], e[2, :4]) and torch.equal(e[1, 4:8], e[4, 4:8])
+    # The code of position i does not depend on the grid length (variable frame counts).
+    torch.testing.assert_close(sincos_grid_embedding((5,), 8)[:3], sincos_grid_embedding((3,), 8))
+
+
+def test_pixel_norm_unit_rms() -> None:
+    x = torch.randn(4, 7, 3) * 5
+    torch.testing.assert_close(pixel_norm(x, dim=1).square().mean(1), torch.ones(4, 3))
+
+
+def test_adaptive_double_norm_layouts_agree() -> None:
+    torch.manual_seed(5)
+    emb = torch.randn(2, 6)
+    for norm in ("group", "layer"):
+        first = AdaptiveDoubleNorm(8, 6, norm=norm, groups=2)
+        last = AdaptiveDoubleNorm(8, 6, norm=norm, groups=2, channels_last=True)
+        last.load_state_dict(first.state_dict())
+        x = torch.randn(2, 8, 5)  # (B, C, N)
+        y = first(x, emb)
+        torch.testing.assert_close(last(x.transpose(1, 2), emb), y.transpose(1, 2))
+    with pytest.raises(ValueError, match="expects 8 channels"):
+        first(torch.randn(2, 7, 5), emb)
