@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .nn.embeddings import PositionalEmbedding
 from .trigflow import (
     check_sigma_d,
     check_time,
@@ -98,7 +99,7 @@ class TrigFlowPrecond(TrigFlowModel):
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         _check_inputs(x_t, t)
-        t = t.to(x_t.dtype)
+        t = t.to(torch.promote_types(x_t.dtype, torch.float32))  # c_noise never in half precision
         F = self.net(x_t / self.sigma_d, self.time_scale * t, labels=labels, guidance=guidance)
         return F.to(x_t.dtype)
 
@@ -106,26 +107,22 @@ class TrigFlowPrecond(TrigFlowModel):
 class AdaptiveWeight(nn.Module):
     """w(t): a learned log-weight per time (sCM Eq. 8, after EDM2's uncertainty weighting).
 
-    A positional embedding of t (the same kind §4.1 prescribes for the network; no large Fourier
-    scales) followed by one linear layer, zero-initialised so training starts with unit weights.
+    A positional embedding of 1000 t (the kind §4.1 prescribes for the network; no large Fourier
+    scales) and one linear layer, zero-initialised so that training starts with unit weights.
     """
 
-    def __init__(self, channels: int = 128, max_positions: float = 10000.0) -> None:
+    def __init__(self, channels: int = 128) -> None:
         super().__init__()
-        if channels % 2:
-            raise ValueError(f"channels must be even, got {channels}")
-        freqs = torch.arange(channels // 2, dtype=torch.float64) / (channels // 2)
-        self.register_buffer("freqs", (1 / max_positions) ** freqs, persistent=False)
+        self.embed = PositionalEmbedding(channels)
         self.linear = nn.Linear(channels, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t: (B,) -> w: (B,) in fp32 (or fp64 for fp64 t)."""
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        arg = (1000.0 * t.to(dtype))[:, None] * self.freqs.to(dtype)
-        emb = torch.cat([arg.cos(), arg.sin()], dim=1)
-        return nn.functional.linear(emb, self.linear.weight.to(dtype), self.linear.bias.to(dtype))[:, 0]
+        """t: (B,) -> w: (B,) in fp32 (fp64 for fp64 t), whatever the autocast state."""
+        emb = self.embed(1000.0 * t)
+        with torch.autocast(t.device.type, enabled=False):
+            return nn.functional.linear(emb, self.linear.weight.to(emb.dtype), self.linear.bias.to(emb.dtype))[:, 0]
 
 
 Process = Literal["edm", "vp", "flow"]
