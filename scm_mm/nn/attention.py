@@ -1,10 +1,239 @@
-"""Attention with a forward-mode derivative. (Placeholder: naive math; replaced by the blockwise op.)"""
+"""Attention with a forward-mode derivative, and one dispatcher for all backbones.
+
+sCM needs the JVP dF/dt of the whole network (Eq. 6), taken with `torch.func.jvp` over the model.
+PyTorch's fused SDPA kernels, xformers and flash-attn have no forward-mode AD, so `attention` routes
+calls that carry a tangent to `JVPAttention`, a blockwise (flash-style) op with a hand-written JVP
+(App. F of the paper), and everything else to the fast kernels.
+
+Layout everywhere is (B, H, N, D) as in `F.scaled_dot_product_attention`; `mask` is boolean,
+broadcastable to (B, H, Nq, Nk), True = attend. A query row with no visible key gives 0 (and a
+zero tangent) in the "jvp" and "math" backends; what SDPA gives there depends on its kernel.
+"""
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import forward_ad
+
+BACKENDS = ("auto", "sdpa", "xformers", "jvp", "math")
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("attention_backend", default="auto")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (B, H, Nq, D), k, v: (B, H, Nk, D); mask: bool, broadcastable to (B, H, Nq, Nk), True = attend."""
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+def naive_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """softmax(scale q k^T) v in plain PyTorch ops: slow, O(Nq Nk) memory, the source of truth.
+
+    q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) -> (B, H, Nq, Dv).
+    """
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is None:
+        return s.softmax(-1) @ v
+    # A row with every key masked is all -inf and softmaxes to NaN; zero it to match JVPAttention.
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1).masked_fill(~mask, 0.0)
+    return p @ v
+
+
+class JVPAttention(torch.autograd.Function):
+    """Blockwise attention with a forward-mode rule (App. F) and the flash-attention backward.
+
+    `apply(q, k, v, mask, scale, block_size)` returns (O, L): O (B, H, Nq, Dv) in the input dtype
+    and the row log-sum-exp L (B, H, Nq, 1), non-differentiable. Keys and values are visited
+    `block_size` at a time with an online softmax, so the extra memory is (B, H, Nq, block_size)
+    rather than (B, H, Nq, Nk). Accumulators are fp32 for fp16/bf16 inputs. q, k, v share B and H.
+    Use `jvp_attention` for the output alone.
+    """
+
+    @staticmethod
+    def forward(
+        q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, block_size: int
+    ) -> tuple[Tensor, Tensor]:
+        acc = _acc_dtype(q)
+        qs = q.to(acc) * scale  # scaling q (N, D) once is cheaper than each (N, block) of S
+        m = q.new_full((*q.shape[:-1], 1), float("-inf"), dtype=acc)  # running row max
+        l = q.new_zeros(m.shape, dtype=acc)  # running sum of exp(S - m)
+        o = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # running sum of exp(S - m) V
+        for j in range(0, k.shape[-2], block_size):
+            s = _scores(qs, k, mask, j, block_size)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            # While a row has seen only masked keys, m_new = -inf; shift by 0 to avoid inf - inf.
+            shift = m_new.masked_fill(m_new == float("-inf"), 0.0)
+            p = torch.exp(s - shift)
+            rescale = torch.exp(m - shift)
+            l = rescale * l + p.sum(-1, keepdim=True)
+            o = rescale * o + p @ v[..., j : j + block_size, :].to(acc)
+            m = m_new
+        # l >= 1 on rows with a visible key (the max term is exp(0)); l = 0 rows get O = 0 and
+        # L = +inf, so that exp(S - L) = 0 when P is recomputed in `jvp` and `backward`.
+        seen = l > 0
+        out = (o / torch.where(seen, l, 1.0)).to(q.dtype)
+        lse = torch.where(seen, m + torch.log(l), float("inf"))
+        return out, lse
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        q, k, v, mask, scale, block_size = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.save_for_forward(q, k, v, out, lse, mask)
+        ctx.scale, ctx.block_size = scale, block_size
+
+    @staticmethod
+    def jvp(
+        ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, *_: None
+    ) -> tuple[Tensor, None]:
+        # App. F: with P = softmax(S), tS = scale (tq k^T + q tk^T) and mu = rowsum(P * tS),
+        #   tO = (P * tS) V - mu O + P tV.
+        # The paper fuses this into the forward pass; an autograd.Function runs `jvp` after
+        # `forward`, so P is recomputed here per key block from the saved L, as in `backward`.
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        acc, bs = _acc_dtype(q), ctx.block_size
+        qs, has_ts = q.to(acc) * ctx.scale, tq is not None or tk is not None
+        tqs = torch.zeros_like(qs) if tq is None else tq.to(acc) * ctx.scale
+        tk = torch.zeros_like(k) if tk is None else tk
+        a = torch.zeros_like(out, dtype=acc)  # sum_j P_ij tS_ij V_j
+        mu = torch.zeros_like(lse)  # sum_j P_ij tS_ij
+        c = torch.zeros_like(out, dtype=acc)  # sum_j P_ij tV_j
+        for j in range(0, k.shape[-2], bs):
+            p = torch.exp(_scores(qs, k, mask, j, bs) - lse)  # masked keys: exp(-inf) = 0
+            if has_ts:
+                kj, tkj = (x[..., j : j + bs, :].to(acc).transpose(-1, -2) for x in (k, tk))
+                pts = p * (tqs @ kj + qs @ tkj)
+                a = a + pts @ v[..., j : j + bs, :].to(acc)
+                mu = mu + pts.sum(-1, keepdim=True)
+            if tv is not None:
+                c = c + p @ tv[..., j : j + bs, :].to(acc)
+        return (a - mu * out.to(acc) + c).to(q.dtype), None
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor, _d_lse: Tensor | None) -> tuple:
+        # Flash-attention backward: dS = P * (dP - Delta) with Delta = rowsum(dO * O), which
+        # equals rowsum(P * dP), so no (Nq, Nk) matrix is ever held.
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        acc, bs = _acc_dtype(q), ctx.block_size
+        qs, do = q.to(acc) * ctx.scale, d_out.to(acc)
+        delta = (do * out.to(acc)).sum(-1, keepdim=True)
+        dq = torch.zeros_like(qs)  # scale dS K, with the scale applied once at the end
+        dk_blocks, dv_blocks = [], []
+        with torch.autocast(q.device.type, enabled=False):  # as in `jvp_attention`
+            for j in range(0, k.shape[-2], bs):
+                p = torch.exp(_scores(qs, k, mask, j, bs) - lse)
+                dv_blocks.append(p.transpose(-1, -2) @ do)
+                ds = p * (do @ v[..., j : j + bs, :].to(acc).transpose(-1, -2) - delta)
+                dq = dq + ds @ k[..., j : j + bs, :].to(acc)
+                dk_blocks.append(ds.transpose(-1, -2) @ qs)
+        dk, dv = torch.cat(dk_blocks, -2).to(k.dtype), torch.cat(dv_blocks, -2).to(v.dtype)
+        return (dq * ctx.scale).to(q.dtype), dk, dv, None, None, None
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """fp32 accumulators for half inputs, as flash attention keeps; otherwise the input dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _scores(qs: Tensor, k: Tensor, mask: Tensor | None, j: int, block_size: int) -> Tensor:
+    """Scores S[..., j : j + block_size] = (scale q) k^T of one key block, masked to -inf."""
+    s = qs @ k[..., j : j + block_size, :].to(qs.dtype).transpose(-1, -2)
+    if mask is None:
+        return s
+    return s.masked_fill(~mask[..., j : j + block_size], float("-inf"))
+
+
+def jvp_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    block_size: int = 512,
+) -> Tensor:
+    """The output of `JVPAttention`.
+
+    q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) -> (B, H, Nq, Dv); `block_size` keys
+    per step bounds the extra memory at (B, H, Nq, block_size).
+    """
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return s.softmax(-1) @ v
+        # Expand (a view) so that slicing a key block also works for a broadcast key dimension.
+        mask = mask.expand(*q.shape[:-1], k.shape[-2])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # Autocast would run the fp32 accumulations in half precision; `jvp` runs inside `apply` too.
+    with torch.autocast(q.device.type, enabled=False):
+        return JVPAttention.apply(q, k, v, mask, scale, block_size)[0]
+
+
+def tangent_is_live(*tensors: Tensor) -> bool:
+    """True if any tensor carries a forward-mode tangent, from `torch.func.jvp` or `forward_ad`."""
+    return any(forward_ad.unpack_dual(x).tangent is not None for x in tensors)
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Force the backend of `attention` inside the block: one of `BACKENDS`."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+@functools.cache
+def _xformers_ops() -> ModuleType | None:
+    """xformers.ops if installed; imported on first use only (it is an optional dependency)."""
+    try:
+        import xformers.ops
+    except ImportError:
+        return None
+    return xformers.ops
+
+
+def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    xops = _xformers_ops()
+    if xops is None:
+        raise RuntimeError("attention backend 'xformers' requested but xformers is not installed")
+    # xformers uses (B, N, H, D).
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return xops.memory_efficient_attention(q, k, v, scale=scale).transpose(1, 2)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """Attention that `torch.func.jvp` can go through: the one entry point for all backbones.
+
+    q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) -> (B, H, Nq, Dv); mask: bool,
+    broadcastable to (B, H, Nq, Nk), True = attend; scale defaults to D**-0.5; q, k, v share B, H.
+    Backend "auto" (see `attention_backend`): `JVPAttention` when a tangent is live; else xformers
+    on CUDA when installed and there is no mask; else `F.scaled_dot_product_attention`.
+    """
+    backend, live = _backend.get(), tangent_is_live(q, k, v)
+    if backend == "auto":
+        if live:
+            backend = "jvp"
+        elif q.is_cuda and mask is None and _xformers_ops() is not None:
+            backend = "xformers"
+        else:
+            backend = "sdpa"
+    if live and backend in ("sdpa", "xformers"):
+        raise RuntimeError(
+            f"attention backend {backend!r} cannot take a forward-mode tangent: its fused kernels "
+            "have no forward-mode AD (pytorch #128971). Use attention_backend('auto') or 'jvp'."
+        )
+    if backend == "jvp":
+        return jvp_attention(q, k, v, mask, scale)
+    if backend == "math":
+        return naive_attention(q, k, v, mask, scale)
+    if backend == "xformers":
+        if mask is not None:
+            raise ValueError("attention backend 'xformers' is used here without a mask only")
+        return _xformers_attention(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
