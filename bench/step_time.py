@@ -4,8 +4,10 @@
     python bench/step_time.py --nets dit --batch 8 --repeats 10
 
 Each step is forward + backward + Adam. The sCT step adds the JVP (torch.func.jvp of the student
-under no_grad); the sCD step adds that and the teacher's forward. The three kinds of step are timed
-in rounds (teacher, sCT, sCD, teacher, ...) so that machine noise hits all of them alike; the table
+under no_grad) and its second forward (with grad); the sCD step adds the teacher's forward too. The
+no-grad forward and JVP alone are timed as well, to show where the time goes: the two-pass design
+costs at least (teacher step + JVP + forward) / teacher step. The three kinds of step are timed
+in rounds (teacher, sCT, sCD, forward, JVP, teacher, ...) so that machine noise hits all of them alike; the table
 gives medians and the ratios of medians. Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step.
 """
 
@@ -19,6 +21,7 @@ import time
 import torch
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
+from scm_mm.jvp import jvp
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
 
@@ -29,9 +32,9 @@ NETS = {
 }
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -45,7 +48,17 @@ def bench_net(name: str, batch: int, repeats: int, device: str) -> dict[str, flo
     x0 = torch.randn(batch, *shape, device=device) * 0.5
     diffusion, scm = DiffusionLoss(), SCMLoss()
 
+    t = torch.rand(batch, device=device) * 1.4 + 0.1
+    x_t, v = torch.randn_like(x0), torch.randn_like(x0)
+
     def step(kind: str) -> None:
+        if kind == "forward":  # the pieces, to show where an sCM step spends its time
+            with torch.no_grad():
+                student(x_t, t)
+            return
+        if kind == "JVP":
+            jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)))
+            return
         if kind == "teacher":
             loss, _ = diffusion(student, x0)
         else:
@@ -54,18 +67,18 @@ def bench_net(name: str, batch: int, repeats: int, device: str) -> dict[str, flo
         loss.backward()
         opt.step()
 
-    kinds = ("teacher", "sCT", "sCD")
+    kinds = ("teacher", "sCT", "sCD", "forward", "JVP")
     for kind in kinds:  # warm-up
         step(kind)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(repeats):
         for kind in kinds:
-            times[kind].append(timed(lambda: step(kind)))
+            times[kind].append(timed(step, kind))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"| {name} | {params / 1e6:.2f}M | {batch}x{'x'.join(map(str, shape))} | {med['teacher'] * 1e3:.0f} "
         f"| {med['sCT'] * 1e3:.0f} | {med['sCD'] * 1e3:.0f} | {med['sCT'] / med['teacher']:.2f} "
-        f"| {med['sCD'] / med['teacher']:.2f} |",
+        f"| {med['sCD'] / med['teacher']:.2f} | {med['forward'] * 1e3:.0f} | {med['JVP'] * 1e3:.0f} |",
         flush=True,
     )
     return med
@@ -79,8 +92,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
-    print("| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher "
+        "| forward ms (no grad) | JVP ms (no grad) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.nets:
         bench_net(name, args.batch, args.repeats, args.device)
 

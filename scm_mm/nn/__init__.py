@@ -4,7 +4,9 @@ Every backbone follows one contract, net(x, c_noise, labels=None, guidance=None)
 torch.func.jvp (attention routes live tangents to its own JVP op).
 """
 
-from .attention import attention, attention_backend, naive_attention, tangent_is_live
+# The attention op is imported from its module (scm_mm.nn.attention.attention): re-exporting the
+# function here would shadow the submodule of the same name.
+from .attention import JVPAttention, attention_backend, tangent_is_live
 from .dit import DiT
 from .embeddings import ConditionEmbedding, PositionalEmbedding
 from .mlp import MLP
@@ -15,11 +17,10 @@ __all__ = [
     "AdaptiveDoubleNorm",
     "ConditionEmbedding",
     "DiT",
+    "JVPAttention",
     "MLP",
     "PositionalEmbedding",
     "UNet",
-    "attention",
     "attention_backend",
-    "naive_attention",
     "tangent_is_live",
 ]
