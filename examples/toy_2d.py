@@ -3,10 +3,11 @@
 The teacher is exact: a mixture of eight Gaussians on a ring, whose TrigFlow F* is known in closed
 form (scm_mm.analytic). As in the paper, both students start from a diffusion model (here trained
 for a short while on the mixture's samples with the TrigFlow diffusion loss); sCD then distils the
-exact teacher (dx_t/dt = sigma_d F*) and sCT learns from the samples alone. The figure shows the data, the teacher's PF-ODE samples (Heun), and 1- and 2-step samples of both
-students. Each title gives the sliced Wasserstein distance (SWD) to fresh data and the share of
-samples within 3 standard deviations of a component mean ("in modes"; 98.9% for exact samples), which
-shows the bridges between modes that SWD barely sees.
+exact teacher (dx_t/dt = sigma_d F*) and sCT learns from the samples alone. The figure shows the
+data, the teacher's PF-ODE samples (Heun), and 1- and 2-step samples of both students. Each title
+gives the sliced Wasserstein distance (SWD) to fresh data and the share of samples within 3 standard
+deviations of a component mean ("in modes"; 98.9% for exact samples), which shows the bridges
+between modes that SWD barely sees.
 
     python examples/toy_2d.py --out toy_2d.png
 """
@@ -107,7 +108,7 @@ def main() -> None:
     reference = gm.sample(n, torch.Generator().manual_seed(args.seed + 101)).float()
     panels = {
         "data": data,
-        "teacher, Heun 32 steps (63 NFE)": sample(gm, (n, 2), method="heun", steps=32, seed=1, dtype=torch.float64).float(),
+        "teacher, Heun 32 steps (63 NFE)": sample(gm, (n, 2), method="heun", steps=32, seed=1, dtype=torch.float64),
         "sCD, 1 step": sample(scd, (n, 2), steps=1, seed=1),
         "sCD, 2 steps": sample(scd, (n, 2), steps=2, seed=1),
         "sCT, 1 step": sample(sct, (n, 2), steps=1, seed=1),

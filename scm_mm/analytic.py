@@ -44,7 +44,9 @@ class GaussianMixture(TrigFlowModel):
         stds = (stds[:, None] if stds.ndim == 1 else stds).expand(K, D).clone()
         if (stds <= 0).any():
             raise ValueError("component standard deviations must be positive")
-        weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if weights is None:
+            weights = torch.full((K,), 1.0 / K, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (K,) or (weights < 0).any() or not math.isclose(float(weights.sum()), 1.0, rel_tol=1e-9):
             raise ValueError("weights must be (K,), non-negative and sum to 1")
         self.register_buffer("means", means)
@@ -66,7 +68,9 @@ class GaussianMixture(TrigFlowModel):
         var = (w * (self.stds**2 + self.means**2)).sum(0) - mean**2
         return var.mean().sqrt()
 
-    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """n samples of x0, float64, on the buffers' device; labels (n,) fix the components."""
         if labels is None:
             labels = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)

@@ -67,6 +67,14 @@ def weighted_loss(
     return (torch.exp(w) * mse - w).mean(), mse
 
 
+def _proposal(
+    loss: DiffusionLoss | SCMLoss, batch: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """t from the loss's time proposal (Algorithm 1)."""
+    kw = {"P_mean": loss.P_mean, "P_std": loss.P_std, "sigma_d": loss.sigma_d}
+    return sample_time(batch, **kw, generator=generator, device=device)
+
+
 def drop_labels(labels: torch.Tensor | None, p: float, generator: torch.Generator | None) -> torch.Tensor | None:
     """Replace labels by -1 (no label) with probability p, so one network learns both CFG branches."""
     if labels is None or p <= 0:
@@ -108,7 +116,7 @@ class DiffusionLoss:
         x0, labels, dropped = drop_nonfinite(x0, labels)
         B, device = x0.shape[0], x0.device
         if t is None:
-            t = sample_time(B, P_mean=self.P_mean, P_std=self.P_std, sigma_d=self.sigma_d, generator=generator, device=device)
+            t = _proposal(self, B, generator, device)
         if z is None:
             z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype) * self.sigma_d
         t = t.to(x0.dtype)
@@ -231,7 +239,7 @@ class SCMLoss:
         x0, labels, dropped = drop_nonfinite(x0, labels)
         B, device = x0.shape[0], x0.device
         if t is None:
-            t = sample_time(B, P_mean=self.P_mean, P_std=self.P_std, sigma_d=self.sigma_d, generator=generator, device=device)
+            t = _proposal(self, B, generator, device)
         if z is None:
             z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype) * self.sigma_d
         t = t.to(x0.dtype)

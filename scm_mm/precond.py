@@ -247,6 +247,7 @@ class ClassifierFreeGuidance(TrigFlowModel):
         if labels is None or guidance is None:
             return self.model(x_t, t, labels=labels)
         null = torch.full_like(labels, -1)
-        F_c, F_u = self.model(x_t.repeat(2, *[1] * (x_t.ndim - 1)), t.repeat(2), labels=torch.cat([labels, null])).chunk(2)
+        both = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])
+        F_c, F_u = self.model(both[0], both[1], labels=both[2]).chunk(2)
         s = expand_time(guidance.to(F_c.dtype), F_c)
         return F_u + s * (F_c - F_u)

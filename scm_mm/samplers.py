@@ -85,7 +85,9 @@ def sample_consistency(
 
 
 @torch.no_grad()
-def sample_euler(model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **cond: torch.Tensor | None) -> torch.Tensor:
+def sample_euler(
+    model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **cond: torch.Tensor | None
+) -> torch.Tensor:
     """Euler in t on dx/dt = sigma_d F (Eq. 3). NFE = steps."""
     ts = _check_times(t_steps)
     x = noise
@@ -95,7 +97,9 @@ def sample_euler(model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **co
 
 
 @torch.no_grad()
-def sample_heun(model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **cond: torch.Tensor | None) -> torch.Tensor:
+def sample_heun(
+    model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **cond: torch.Tensor | None
+) -> torch.Tensor:
     """Heun's second-order method in t; the last step to t = 0 is Euler, as in EDM. NFE = 2 steps - 1."""
     ts = _check_times(t_steps)
     x = noise
@@ -110,7 +114,9 @@ def sample_heun(model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **con
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **cond: torch.Tensor | None) -> torch.Tensor:
+def sample_dpmpp_2m(
+    model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **cond: torch.Tensor | None
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) written in TrigFlow. NFE = steps.
 
     TrigFlow is x_t = alpha x0 + sigma eps with alpha = cos t, sigma = sigma_d sin t, so the half

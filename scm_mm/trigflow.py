@@ -41,7 +41,8 @@ def expand_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},) to match x {tuple(x.shape)}, got {tuple(t.shape)}")
+        want = f"a scalar or shape ({x.shape[0]},)"
+        raise ValueError(f"t must be {want} to match x {tuple(x.shape)}, got {tuple(t.shape)}")
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
 

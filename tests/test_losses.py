@@ -1,13 +1,12 @@
 """sCT / sCD losses against float64 references built straight from the paper's equations."""
 
-import math
 
 import pytest
 import torch
+from helpers import TinyNet
 
 from scm_mm import DiffusionLoss, GaussianMixture, SCMLoss, TrigFlowPrecond, solve_pf_ode
 from scm_mm.train import optimizer_step
-from helpers import TinyNet
 
 D = 3
 

@@ -291,3 +291,54 @@ def test_adaptive_double_norm_layouts_agree() -> None:
         torch.testing.assert_close(last(x.transpose(1, 2), emb), y.transpose(1, 2))
     with pytest.raises(ValueError, match="expects 8 channels"):
         first(torch.randn(2, 7, 5), emb)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_jvp_and_backward_match_stock_convolution(dims: int) -> None:
+    """scm_mm.nn.layers's forward-mode rule and backward equal PyTorch's, in float64."""
+    from scm_mm.nn.layers import CONV
+
+    torch.manual_seed(3)
+    ours = CONV[dims](3, 4, 3, stride=2, padding=1).double()
+    stock = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dims](3, 4, 3, stride=2, padding=1).double()
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, *([6] * dims), dtype=torch.float64, requires_grad=True)
+    tx = torch.randn_like(x)
+    y, ty = jvp(ours, (x,), (tx,))
+    y_ref, ty_ref = jvp(stock, (x,), (tx,))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(ty, ty_ref)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    _, t_all = jvp(lambda p, a: torch.func.functional_call(ours, p, (a,)), (params, x), (tangents, tx))
+    _, t_all_ref = jvp(lambda p, a: torch.func.functional_call(stock, p, (a,)), (params, x), (tangents, tx))
+    torch.testing.assert_close(t_all, t_all_ref)
+    from scm_mm.nn.layers import _ConvJVP
+
+    assert torch.autograd.gradcheck(
+        lambda a, w, b: _ConvJVP.apply(a, w, b, ours.stride, ours.padding, ours.dilation, 1, (True, True)),
+        (x, ours.weight.detach().clone().requires_grad_(), ours.bias.detach().clone().requires_grad_()),
+        check_forward_ad=True,
+    )
+
+
+def test_linear_jvp_and_backward_match_stock_linear() -> None:
+    from scm_mm.nn.layers import Linear, _LinearJVP
+
+    torch.manual_seed(4)
+    ours = Linear(5, 3).double()
+    stock = torch.nn.Linear(5, 3).double()
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    tx = torch.randn_like(x)
+    torch.testing.assert_close(jvp(ours, (x,), (tx,)), jvp(stock, (x,), (tx,)))
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    _, t_all = jvp(lambda p, a: torch.func.functional_call(ours, p, (a,)), (params, x), (tangents, tx))
+    _, t_all_ref = jvp(lambda p, a: torch.func.functional_call(stock, p, (a,)), (params, x), (tangents, tx))
+    torch.testing.assert_close(t_all, t_all_ref)
+    assert torch.autograd.gradcheck(
+        lambda a, w, b: _LinearJVP.apply(a, w, b, (True, True)),
+        (x, ours.weight.detach().clone().requires_grad_(), ours.bias.detach().clone().requires_grad_()),
+        check_forward_ad=True,
+    )

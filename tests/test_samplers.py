@@ -116,7 +116,8 @@ def test_guided_sampling_sharpens_the_class(gm):
 
     def draw(scale):
         guidance = torch.full((n,), scale, dtype=torch.float64)
-        return sample(guided, (n, 2), method="heun", steps=32, seed=4, dtype=torch.float64, labels=labels, guidance=guidance)
+        kw = dict(method="heun", steps=32, seed=4, dtype=torch.float64)
+        return sample(guided, (n, 2), **kw, labels=labels, guidance=guidance)
 
     x1, x3 = draw(1.0), draw(3.0)
     torch.testing.assert_close(x1.mean(0), gm.means[0], atol=0.03, rtol=0)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import TinyNet
 
 from scm_mm import ConvertedTeacher, GaussianMixture, TrigFlowPrecond, ddpm_timestep
 from scm_mm.trigflow import (
@@ -18,7 +19,6 @@ from scm_mm.trigflow import (
     trigflow_scale,
     vp_alpha_sigma_from_t,
 )
-from helpers import TinyNet
 
 SIGMA_D = 0.7
 T = torch.linspace(0.01, math.pi / 2 - 0.01, 50, dtype=torch.float64)
@@ -42,7 +42,8 @@ def test_conversions_round_trip():
     alpha, sigma = vp_alpha_sigma_from_t(T, SIGMA_D)
     assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(T), atol=1e-12)
     assert torch.allclose(t_from_alpha_sigma(alpha, sigma, SIGMA_D), T, atol=1e-12)
-    assert flow_s_from_t(torch.tensor(math.pi / 2, dtype=torch.float64), SIGMA_D).item() == pytest.approx(1.0, abs=1e-15)
+    half_pi = torch.tensor(math.pi / 2, dtype=torch.float64)
+    assert flow_s_from_t(half_pi, SIGMA_D).item() == pytest.approx(1.0, abs=1e-15)
 
 
 @pytest.mark.parametrize("process", ["edm", "vp", "flow"])

@@ -17,6 +17,7 @@ from torch import nn
 
 from scm_mm.nn.attention import attention
 from scm_mm.nn.embeddings import ConditionEmbedding, sincos_grid_embedding
+from scm_mm.nn.layers import Linear
 from scm_mm.nn.norm import AdaptiveDoubleNorm, RMSNorm
 
 # Patch pixels go before channels in a token, one einops pattern per number of spatial dims.
@@ -55,10 +56,10 @@ class SelfAttention(nn.Module):
             raise ValueError(f"channels={channels} is not divisible by heads={heads}")
         self.heads = heads
         head_dim = channels // heads
-        self.qkv = nn.Linear(channels, 3 * channels)
+        self.qkv = Linear(channels, 3 * channels)
         self.q_norm = RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(channels, channels)
+        self.proj = Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
@@ -88,15 +89,15 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(hidden, heads, qk_norm=qk_norm)
         self.norm2 = AdaptiveDoubleNorm(hidden, emb_dim, norm="layer", channels_last=True)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, mlp_hidden),
+            Linear(hidden, mlp_hidden),
             nn.GELU(approximate="tanh"),
             nn.Dropout(dropout),
-            nn.Linear(mlp_hidden, hidden),
+            Linear(mlp_hidden, hidden),
         )
         # adaLN-Zero gates, not pnorm-ed (pnorm of a zero vector is degenerate). The branches
         # themselves keep their default init: zeroing both the gate and attn.proj would leave
         # each with a zero gradient forever.
-        self.gates = nn.Linear(emb_dim, 2 * hidden)
+        self.gates = Linear(emb_dim, 2 * hidden)
         nn.init.zeros_(self.gates.weight)
         nn.init.zeros_(self.gates.bias)
 
@@ -149,12 +150,12 @@ class DiT(nn.Module):
             guidance_embed=guidance_embed,
             max_positions=max_positions,
         )
-        self.proj_in = nn.Linear(patch_pixels * in_channels, hidden)
+        self.proj_in = Linear(patch_pixels * in_channels, hidden)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, hidden, heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, dropout=dropout) for _ in range(depth)
         )
         self.norm_out = AdaptiveDoubleNorm(hidden, hidden, norm="layer", channels_last=True)
-        self.proj_out = nn.Linear(hidden, patch_pixels * self.out_channels)
+        self.proj_out = Linear(hidden, patch_pixels * self.out_channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 

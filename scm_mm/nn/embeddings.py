@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from scm_mm.nn.layers import Linear
+
 
 def _embedding_dtype(x: torch.Tensor) -> torch.dtype:
     # At least float32; float64 stays float64 so the fp64 checks see no rounding.
@@ -88,12 +90,12 @@ class ConditionEmbedding(nn.Module):
         self.guidance_scale = guidance_scale
         self.pos = PositionalEmbedding(noise_channels, max_positions=max_positions)
         self.time_mlp = nn.Sequential(
-            nn.Linear(noise_channels, emb_dim),
+            Linear(noise_channels, emb_dim),
             nn.SiLU(),
-            nn.Linear(emb_dim, emb_dim),
+            Linear(emb_dim, emb_dim),
         )
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
-        self.guidance_linear = nn.Linear(noise_channels, emb_dim) if guidance_embed else None
+        self.guidance_linear = Linear(noise_channels, emb_dim) if guidance_embed else None
         if self.guidance_linear is not None:
             nn.init.zeros_(self.guidance_linear.weight)
             nn.init.zeros_(self.guidance_linear.bias)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from scm_mm.nn.embeddings import ConditionEmbedding
+from scm_mm.nn.layers import Linear
 from scm_mm.nn.norm import AdaptiveDoubleNorm
 
 
@@ -21,10 +22,10 @@ class MLPBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm = AdaptiveDoubleNorm(hidden, emb_dim, norm="layer", channels_last=True)
-        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc1 = Linear(hidden, hidden)
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc2 = Linear(hidden, hidden)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
@@ -63,10 +64,10 @@ class MLP(nn.Module):
             num_classes=num_classes,
             guidance_embed=guidance_embed,
         )
-        self.proj_in = nn.Linear(in_channels, hidden)
+        self.proj_in = Linear(in_channels, hidden)
         self.blocks = nn.ModuleList(MLPBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.norm_out = AdaptiveDoubleNorm(hidden, emb_dim, norm="layer", channels_last=True)
-        self.proj_out = nn.Linear(hidden, self.out_channels)
+        self.proj_out = Linear(hidden, self.out_channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scm_mm.nn.layers import Linear
+
 
 def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """PixelNorm: x / sqrt(mean(x², dim) + eps). Shape preserved; computed in at least float32."""
@@ -93,7 +95,7 @@ class AdaptiveDoubleNorm(nn.Module):
         self.groups = num_groups(num_channels, groups)
         self.channels_last = channels_last
         self.eps = eps
-        self.affine = nn.Linear(emb_dim, 2 * num_channels)  # -> (scale, shift), each pnorm-ed
+        self.affine = Linear(emb_dim, 2 * num_channels)  # -> (scale, shift), each pnorm-ed
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         cdim = -1 if self.channels_last else 1

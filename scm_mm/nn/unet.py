@@ -3,8 +3,9 @@
 ADM/EDM layout (residual blocks, self-attention at chosen levels, skip connections by
 concatenation) with sCM §4.1's changes: positional time embedding of c_noise = 1000·t, adaptive
 double normalisation in place of AdaGN, GroupNorm only (no BatchNorm, so torch.func.jvp works).
-`dims` picks Conv1d/2d/3d. Downsampling is a stride-2 3-tap conv (ADM); upsampling is nearest
-neighbour then a 3-tap conv, which avoids the checkerboard of transposed convs. Both act on
+`dims` picks Conv1d/2d/3d (from scm_mm.nn.layers, for a cheaper JVP). Downsampling is a stride-2
+3-tap conv (ADM); upsampling is nearest neighbour then a 3-tap conv, which avoids the checkerboard
+of transposed convs. Both act on
 `resample_axes`, so video can keep its frame count while halving height and width.
 """
 
@@ -17,9 +18,9 @@ from torch import nn
 
 from scm_mm.nn.dit import SelfAttention
 from scm_mm.nn.embeddings import ConditionEmbedding
+from scm_mm.nn.layers import CONV
 from scm_mm.nn.norm import AdaptiveDoubleNorm, GroupNorm, num_groups
 
-CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 # Spatial positions <-> attention tokens, one einops pattern per dims.
 TO_TOKENS = {1: "b c l -> b l c", 2: "b c h w -> b (h w) c", 3: "b c t h w -> b (t h w) c"}
 FROM_TOKENS = {1: "b l c -> b c l", 2: "b (h w) c -> b c h w", 3: "b (t h w) c -> b c t h w"}

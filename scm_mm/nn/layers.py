@@ -1,0 +1,131 @@
+"""Linear and convolution layers whose forward-mode derivative costs one matmul / convolution, not two.
+
+Under torch.func.jvp over a network's inputs, the weights have no tangent, but functorch hands the
+forward-mode rules of linear and convolution a materialised zero tangent for them, and the rules
+multiply by it (torch 2.14): a profile of a U-Net JVP showed 150 convolution calls for 50
+convolutions (62% of the JVP time) and 50 matmuls for 25 linears. While a tangent is live, these
+layers route to a Function that is told at dispatch which of weight and bias really carry a tangent,
+so its `jvp` computes only those terms; otherwise they are the stock layers. Backwards are aten's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .attention import tangent_is_live
+
+
+class _ConvJVP(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+        live: tuple[bool, bool],  # whether weight and bias carry a tangent (zeros otherwise)
+    ) -> Tensor:
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, stride, padding, dilation, groups, ctx.live = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.out_shape = output.shape
+        ctx.args = (stride, padding, dilation, groups)
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: None) -> Tensor:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+
+        def conv(a: Tensor, w: Tensor) -> Tensor:
+            return torch.ops.aten.convolution(a, w, None, stride, padding, dilation, False, [0] * len(stride), groups)
+
+        tw, tb = (tw if ctx.live[0] else None), (tb if ctx.live[1] else None)
+        parts = [conv(a, w) for a, w in ((tx, weight), (x, tw)) if a is not None and w is not None]
+        out = sum(parts[1:], parts[0]) if parts else x.new_zeros(ctx.out_shape)
+        if tb is not None:
+            out = out + tb.reshape(1, -1, *([1] * (out.ndim - 2)))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0] * len(stride), groups, mask
+        )
+        return gx, gw, gb, None, None, None, None, None
+
+
+class _JVPConvMixin:
+    """Replaces `_conv_forward` of nn.ConvNd while a tangent is live (zero padding only)."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and tangent_is_live(input, weight):
+            live = (tangent_is_live(weight), bias is not None and tangent_is_live(bias))
+            return _ConvJVP.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, live)
+        return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
+
+
+class Conv1d(_JVPConvMixin, nn.Conv1d):
+    pass
+
+
+class Conv2d(_JVPConvMixin, nn.Conv2d):
+    pass
+
+
+class Conv3d(_JVPConvMixin, nn.Conv3d):
+    pass
+
+
+CONV: dict[int, type[nn.Module]] = {1: Conv1d, 2: Conv2d, 3: Conv3d}
+
+
+class _LinearJVP(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, live: tuple[bool, bool]) -> Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, ctx.live = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.has_bias, ctx.out_shape = bias is not None, output.shape
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: None) -> Tensor:
+        x, weight = ctx.saved_tensors
+        tw, tb = (tw if ctx.live[0] else None), (tb if ctx.live[1] else None)
+        parts = [nn.functional.linear(a, w) for a, w in ((tx, weight), (x, tw)) if a is not None and w is not None]
+        out = sum(parts[1:], parts[0]) if parts else x.new_zeros(ctx.out_shape)
+        return out + tb if tb is not None else out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        x, weight = ctx.saved_tensors
+        gx = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the cheaper forward-mode rule while a tangent is live."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if tangent_is_live(input, self.weight):
+            live = (tangent_is_live(self.weight), self.bias is not None and tangent_is_live(self.bias))
+            return _LinearJVP.apply(input, self.weight, self.bias, live)
+        return super().forward(input)
