@@ -27,6 +27,10 @@ class GaussianMixture(TrigFlowModel):
     means the whole mixture.
     """
 
+    means: torch.Tensor  # (K, D)
+    stds: torch.Tensor  # (K, D)
+    log_weights: torch.Tensor  # (K,)
+
     def __init__(
         self,
         means: torch.Tensor,                # (K, D) component means

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -20,9 +21,9 @@ def unwrap(module: nn.Module) -> nn.Module:
     """The module under DDP / DataParallel / torch.compile wrappers, whose forward has no hooks."""
     while True:
         if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
+            module = cast(nn.Module, module.module)
         elif hasattr(module, "_orig_mod"):  # torch.compile's OptimizedModule
-            module = module._orig_mod
+            module = cast(nn.Module, module._orig_mod)
         else:
             return module
 
@@ -30,7 +31,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 def jvp(fn: Callable[..., torch.Tensor], primals: Tensors, tangents: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
     """(fn(*primals), d/de fn(primals + e tangents) at e = 0) by forward-mode AD, without autograd graph."""
     with torch.no_grad():
-        return torch.func.jvp(fn, tuple(primals), tuple(tangents))
+        result = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+    return result[0], result[1]
 
 
 def finite_difference_jvp(

@@ -75,6 +75,12 @@ def _proposal(
     return sample_time(batch, **kw, generator=generator, device=device)
 
 
+def log_weight(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor | None:
+    """w(t) from the model's adaptive-weight head (`TrigFlowPrecond.logvar`), or None without one."""
+    head = getattr(unwrap(model), "logvar", None)
+    return head(t) if head is not None else None
+
+
 def drop_labels(labels: torch.Tensor | None, p: float, generator: torch.Generator | None) -> torch.Tensor | None:
     """Replace labels by -1 (no label) with probability p, so one network learns both CFG branches."""
     if labels is None or p <= 0:
@@ -125,8 +131,7 @@ class DiffusionLoss:
         F = model(x_t, t, labels=labels).to(self.loss_dtype)
         tb = expand_time(t, x_t).to(self.loss_dtype)
         v_t = (torch.cos(tb) * z - torch.sin(tb) * x0).to(self.loss_dtype)
-        w = unwrap(model).logvar(t) if getattr(unwrap(model), "logvar", None) is not None else None
-        loss, mse = weighted_loss(F - v_t / self.sigma_d, w)
+        loss, mse = weighted_loss(F - v_t / self.sigma_d, log_weight(model, t))
         return loss, {"loss": loss.detach(), "mse": mse.mean().detach(), "nonfinite_samples": dropped}
 
 
@@ -271,10 +276,8 @@ class SCMLoss:
     ) -> tuple[torch.Tensor, Stats]:
         """The loss of Eq. 8 and detached statistics; keywords as in `terms`."""
         F, F_minus, g, t, dropped = self.terms(student, x0, labels, **kwargs)
-        model = unwrap(student)
-        w = model.logvar(t) if getattr(model, "logvar", None) is not None else None
-        loss, mse = weighted_loss(F - F_minus - g, w)
-        stats = {
+        loss, mse = weighted_loss(F - F_minus - g, log_weight(student, t))
+        stats: Stats = {
             "loss": loss.detach(),
             "mse": mse.mean().detach(),
             "g_rms": (per_sample_sq_norm(g).mean() / math.prod(g.shape[1:])).sqrt().detach(),

@@ -70,6 +70,12 @@ class _ConvJVP(torch.autograd.Function):
 class _JVPConvMixin:
     """Replaces `_conv_forward` of nn.ConvNd while a tangent is live (zero padding only)."""
 
+    padding_mode: Any
+    padding: Any
+    stride: Any
+    dilation: Any
+    groups: int
+
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and tangent_is_live(input, weight):
             live = (tangent_is_live(weight), bias is not None and tangent_is_live(bias))

@@ -23,11 +23,11 @@ def _lerp_(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """ema <- beta ema + (1 - beta) model, for parameters and floating-point buffers."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach().to(e.dtype), 1 - beta)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        if e.is_floating_point():
-            e.lerp_(b.to(e.dtype), 1 - beta)
+    for e_buf, buf in zip(ema.buffers(), model.buffers()):
+        if e_buf.is_floating_point():
+            e_buf.lerp_(buf.to(e_buf.dtype), 1 - beta)
         else:
-            e.copy_(b)
+            e_buf.copy_(buf)
 
 
 class EMA(nn.Module):
