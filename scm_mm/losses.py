@@ -67,12 +67,20 @@ def weighted_loss(
     return (torch.exp(w) * mse - w).mean(), mse
 
 
-def _proposal(
-    loss: DiffusionLoss | SCMLoss, batch: int, generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
-    """t from the loss's time proposal (Algorithm 1)."""
-    kw = {"P_mean": loss.P_mean, "P_std": loss.P_std, "sigma_d": loss.sigma_d}
-    return sample_time(batch, **kw, generator=generator, device=device)
+def _time_and_noise(
+    loss: DiffusionLoss | SCMLoss,
+    x0: torch.Tensor,
+    t: torch.Tensor | None,
+    z: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t from the time proposal (Algorithm 1) and z ~ N(0, sigma_d^2 I), unless given (tests)."""
+    if t is None:
+        kw = {"P_mean": loss.P_mean, "P_std": loss.P_std, "sigma_d": loss.sigma_d}
+        t = sample_time(x0.shape[0], **kw, generator=generator, device=x0.device)
+    if z is None:
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * loss.sigma_d
+    return t.to(x0.dtype), z
 
 
 def log_weight(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor | None:
@@ -120,12 +128,7 @@ class DiffusionLoss:
         z: torch.Tensor | None = None,  # override the noise (tests)
     ) -> tuple[torch.Tensor, Stats]:
         x0, labels, dropped = drop_nonfinite(x0, labels)
-        B, device = x0.shape[0], x0.device
-        if t is None:
-            t = _proposal(self, B, generator, device)
-        if z is None:
-            z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype) * self.sigma_d
-        t = t.to(x0.dtype)
+        t, z = _time_and_noise(self, x0, t, z, generator)
         labels = drop_labels(labels, self.label_dropout, generator)
         x_t = add_noise(x0, z, t)
         F = model(x_t, t, labels=labels).to(self.loss_dtype)
@@ -243,11 +246,7 @@ class SCMLoss:
         """F (with grad), F- and the normalised g for one batch; `__call__` turns them into the loss."""
         x0, labels, dropped = drop_nonfinite(x0, labels)
         B, device = x0.shape[0], x0.device
-        if t is None:
-            t = _proposal(self, B, generator, device)
-        if z is None:
-            z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype) * self.sigma_d
-        t = t.to(x0.dtype)
+        t, z = _time_and_noise(self, x0, t, z, generator)
         x_t = add_noise(x0, z, t)
         tb = expand_time(t, x0)
 
