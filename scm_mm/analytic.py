@@ -82,9 +82,6 @@ class GaussianMixture(TrigFlowModel):
         x0 = self.means[labels] + self.stds[labels] * noise
         return x0.reshape(n, *self.shape)
 
-    def sample_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
-
     def posterior(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

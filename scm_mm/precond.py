@@ -32,7 +32,7 @@ class TrigFlowModel(nn.Module):
     """Anything that gives the TrigFlow F(x_t, t). Subclasses set `sigma_d` and implement `forward`.
 
     Shapes: x_t (B, C, *dims) or (B, C); t (B,) or a scalar; labels (B,) long (-1 = none);
-    guidance (B,) float. The result has the shape of x_t and, outside autocast, its dtype.
+    guidance (B,) float. The result has the shape and dtype of x_t.
     """
 
     sigma_d: float

@@ -25,7 +25,7 @@ def check_sigma_d(sigma_d: float) -> float:
 
 def check_time(t: torch.Tensor) -> None:
     """Refuse t outside [0, pi/2]. On CUDA the check is asynchronous, so it costs no host sync."""
-    if t.is_floating_point() is False:
+    if not t.is_floating_point():
         raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
     ok = ((t >= 0) & (t <= HALF_PI)).all()  # also False for NaN
     if t.device.type == "cuda":
