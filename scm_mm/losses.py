@@ -18,6 +18,7 @@ from .precond import ClassifierFreeGuidance, TrigFlowModel
 from .trigflow import add_noise, check_sigma_d, expand_time, sample_time
 
 Stats = dict[str, torch.Tensor | int]  # detached scalars, so logging decides when to sync
+Draws = dict[str, torch.Tensor]  # a loss's random inputs, one row per sample (see DiffusionLoss.draw)
 
 
 class SCMTerms(NamedTuple):
@@ -28,12 +29,18 @@ class SCMTerms(NamedTuple):
     nonfinite_samples: int              # samples dropped for NaN/inf
 
 
-def drop_nonfinite(x0: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Remove samples with NaN/inf before they reach the network.
+def drop_nonfinite(
+    x0: torch.Tensor, labels: torch.Tensor | None, draws: dict[str, torch.Tensor | None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, Draws, int]:
+    """Remove samples with NaN/inf (and their rows of `draws`) before they reach the network.
 
     Masking their loss is not enough: a NaN input gives NaN activations, and 0 * NaN = NaN in the
     weight gradients. The count goes into the loss statistics; an all-bad batch is an error.
     """
+    given = {k: v for k, v in (draws or {}).items() if v is not None}
+    for key, value in given.items():
+        if value.shape[0] != x0.shape[0]:
+            raise ValueError(f"{key} has {value.shape[0]} rows for a batch of {x0.shape[0]}")
     if x0.ndim < 2:
         raise ValueError(f"x0 must have shape (B, C, *dims), got {tuple(x0.shape)}")
     if labels is not None and labels.shape != (x0.shape[0],):
@@ -45,7 +52,8 @@ def drop_nonfinite(x0: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch
     if dropped:
         x0 = x0[keep]
         labels = labels[keep] if labels is not None else None
-    return x0, labels, dropped
+        given = {k: v[keep] for k, v in given.items()}
+    return x0, labels, given, dropped
 
 
 def per_sample_sq_norm(x: torch.Tensor) -> torch.Tensor:
@@ -74,13 +82,27 @@ def _time_and_noise(
     z: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """t from the time proposal (Algorithm 1) and z ~ N(0, sigma_d^2 I), unless given (tests)."""
+    """t from the time proposal (Algorithm 1) and z ~ N(0, sigma_d^2 I), unless given."""
     if t is None:
         kw = {"P_mean": loss.P_mean, "P_std": loss.P_std, "sigma_d": loss.sigma_d}
         t = sample_time(x0.shape[0], **kw, generator=generator, device=x0.device)
     if z is None:
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * loss.sigma_d
-    return t.to(x0.dtype), z
+    return t.to(x0.dtype), z.to(x0.dtype)
+
+
+def _draw_time_and_noise(
+    loss: DiffusionLoss | SCMLoss,
+    batch: int,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Draws:
+    kw = {"P_mean": loss.P_mean, "P_std": loss.P_std, "sigma_d": loss.sigma_d}
+    t = sample_time(batch, **kw, generator=generator, device=device).to(dtype)
+    z = torch.randn((batch, *shape), generator=generator, device=device, dtype=dtype) * loss.sigma_d
+    return {"t": t, "z": z}
 
 
 def log_weight(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor | None:
@@ -89,12 +111,18 @@ def log_weight(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor | None:
     return head(t) if head is not None else None
 
 
-def drop_labels(labels: torch.Tensor | None, p: float, generator: torch.Generator | None) -> torch.Tensor | None:
+def drop_labels(
+    labels: torch.Tensor | None,
+    p: float,
+    generator: torch.Generator | None,
+    mask: torch.Tensor | None = None,  # (B,) bool: which labels to drop, if drawn already
+) -> torch.Tensor | None:
     """Replace labels by -1 (no label) with probability p, so one network learns both CFG branches."""
     if labels is None or p <= 0:
         return labels
-    u = torch.rand(labels.shape, generator=generator, device=labels.device)
-    return torch.where(u < p, torch.full_like(labels, -1), labels)
+    if mask is None:
+        mask = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(mask, torch.full_like(labels, -1), labels)
 
 
 class DiffusionLoss:
@@ -117,6 +145,27 @@ class DiffusionLoss:
         self.label_dropout = label_dropout
         self.loss_dtype = loss_dtype
 
+    def draw(
+        self,
+        batch: int,
+        shape: tuple[int, ...],         # one sample's shape (C, *dims)
+        *,
+        labelled: bool,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Draws:
+        """The random inputs of `batch` samples (t, z, label_drop), as keywords for `__call__`.
+
+        Rows belong to samples, so a slice of the draws fits a slice of the batch: the training loop
+        draws once per global batch and gives each rank its rows, which makes a run independent of
+        the number of ranks and of gradient accumulation.
+        """
+        draws = _draw_time_and_noise(self, batch, shape, generator, device, dtype)
+        if labelled and self.label_dropout > 0:
+            draws["label_drop"] = torch.rand(batch, generator=generator, device=device) < self.label_dropout
+        return draws
+
     def __call__(
         self,
         model: TrigFlowModel,
@@ -124,12 +173,13 @@ class DiffusionLoss:
         labels: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
-        t: torch.Tensor | None = None,  # override the time proposal (tests)
-        z: torch.Tensor | None = None,  # override the noise (tests)
+        t: torch.Tensor | None = None,  # the time of each sample; None: drawn from the proposal
+        z: torch.Tensor | None = None,  # the noise; None: drawn
+        label_drop: torch.Tensor | None = None,  # which labels to drop; None: drawn
     ) -> tuple[torch.Tensor, Stats]:
-        x0, labels, dropped = drop_nonfinite(x0, labels)
-        t, z = _time_and_noise(self, x0, t, z, generator)
-        labels = drop_labels(labels, self.label_dropout, generator)
+        x0, labels, draws, dropped = drop_nonfinite(x0, labels, {"t": t, "z": z, "label_drop": label_drop})
+        t, z = _time_and_noise(self, x0, draws.get("t"), draws.get("z"), generator)
+        labels = drop_labels(labels, self.label_dropout, generator, draws.get("label_drop"))
         x_t = add_noise(x0, z, t)
         F = model(x_t, t, labels=labels).to(self.loss_dtype)
         tb = expand_time(t, x_t).to(self.loss_dtype)
@@ -181,6 +231,24 @@ class SCMLoss:
         self.tangent_method = tangent_method
         self.fd_step = fd_step
         self.loss_dtype = loss_dtype
+
+    def draw(
+        self,
+        batch: int,
+        shape: tuple[int, ...],         # one sample's shape (C, *dims)
+        *,
+        labelled: bool,
+        distil: bool,                   # sCD: also the guidance scale of each sample
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Draws:
+        """The random inputs of `batch` samples (t, z, guidance) as keywords; see DiffusionLoss.draw."""
+        draws = _draw_time_and_noise(self, batch, shape, generator, device, dtype)
+        if distil and labelled and self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            draws["guidance"] = lo + (hi - lo) * torch.rand(batch, generator=generator, device=device, dtype=dtype)
+        return draws
 
     def warmup(self, step: int) -> float:
         """r = min(1, step / H), the tangent warmup of Algorithm 1."""
@@ -239,14 +307,15 @@ class SCMLoss:
         teacher: TrigFlowModel | None = None,  # None: sCT; a teacher: sCD
         step: int = 0,                  # training iteration, for the tangent warmup
         generator: torch.Generator | None = None,
-        t: torch.Tensor | None = None,  # override the time proposal (tests)
-        z: torch.Tensor | None = None,  # override the noise (tests)
-        guidance: torch.Tensor | None = None,  # override the sampled guidance scale (B,)
+        t: torch.Tensor | None = None,  # the time of each sample; None: drawn from the proposal
+        z: torch.Tensor | None = None,  # the noise; None: drawn
+        guidance: torch.Tensor | None = None,  # sCD: the guidance scale of each sample (B,); None: drawn
     ) -> SCMTerms:
         """F (with grad), F- and the normalised g for one batch; `__call__` turns them into the loss."""
-        x0, labels, dropped = drop_nonfinite(x0, labels)
+        x0, labels, draws, dropped = drop_nonfinite(x0, labels, {"t": t, "z": z, "guidance": guidance})
+        guidance = draws.get("guidance")
         B, device = x0.shape[0], x0.device
-        t, z = _time_and_noise(self, x0, t, z, generator)
+        t, z = _time_and_noise(self, x0, draws.get("t"), draws.get("z"), generator)
         x_t = add_noise(x0, z, t)
         tb = expand_time(t, x0)
 

@@ -18,11 +18,20 @@ def _copy_for_ema(model: nn.Module) -> nn.Module:
     return ema
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded parameter (a DTensor); other tensors as they are.
+
+    The averages keep full copies on every rank, so sampling needs no collective; with FSDP this costs
+    one all-gather of the weights per update, the price of keeping the EMA code single-process simple.
+    """
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 @torch.no_grad()
 def _lerp_(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """ema <- beta ema + (1 - beta) model, for parameters and floating-point buffers."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - beta)
+        e.lerp_(_full(p.detach()).to(e.dtype), 1 - beta)
     for e_buf, buf in zip(ema.buffers(), model.buffers()):
         if e_buf.is_floating_point():
             e_buf.lerp_(buf.to(e_buf.dtype), 1 - beta)
@@ -54,6 +63,9 @@ class EMA(nn.Module):
     def update(self, model: nn.Module, seen: int, batch: int) -> None:
         """Call after each optimiser step; `seen` counts samples including this batch."""
         _lerp_(self.ema, model, self.beta(seen, batch))
+
+    def named_averages(self) -> dict[str, nn.Module]:
+        return {"ema": self.ema}
 
 
 def power_exponent(sigma_rel: float) -> float:
@@ -87,3 +99,7 @@ class PowerEMA(nn.Module):
     def update(self, model: nn.Module, seen: int, batch: int) -> None:
         for ema, gamma in zip(self.averages, self.gammas):
             _lerp_(ema, model, (1 - batch / seen) ** (gamma + 1))
+
+    def named_averages(self) -> dict[str, nn.Module]:
+        """"ema-<sigma_rel>" -> average, e.g. "ema-0.050"; the first is the one sampling uses."""
+        return {f"ema-{s:.3f}": ema for s, ema in zip(self.sigma_rels, self.averages)}

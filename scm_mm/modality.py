@@ -1,0 +1,89 @@
+"""The plug between the core and a modality: a codec, raw datasets, and a registry of modalities.
+
+The core trains on tensors x0 of shape (B, C, *dims) with standard deviation about sigma_d. A modality
+supplies
+- a `Codec` that maps a batch of media (uint8 images, waveforms, video clips) to such tensors and
+  back, and records every setting needed to invert it (`state`), so a checkpoint can refuse a
+  decoder whose settings differ;
+- raw datasets whose items are `(media, label)`: a media tensor of one sample and an int label
+  (-1 = none), with a `fingerprint` string that names the data and its preprocessing (a cache key);
+- a `Modality` object, registered under the entry-point group "scm_mm.modalities", that builds the
+  codec from a saved state, turns decoded media into a picture for TensorBoard, and writes files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+ENTRY_POINT_GROUP = "scm_mm.modalities"
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """media batch <-> x0 (B, C, *dims) with standard deviation about sigma_d."""
+
+    sigma_d: float
+    cacheable: bool  # encoding is expensive (a VAE): encode each dataset once and cache the result
+
+    def encode(self, media: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor: ...
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable settings, stored with every checkpoint."""
+        ...
+
+
+@runtime_checkable
+class Modality(Protocol):
+    name: str
+
+    def codec_from_state(self, state: Mapping[str, Any], **overrides: Any) -> Codec:
+        """Rebuild the codec a checkpoint was trained with (overrides: e.g. a local path to weights)."""
+        ...
+
+    def preview(self, media: torch.Tensor) -> torch.Tensor:
+        """Decoded media (B, ...) -> one uint8 picture (3, H, W) for TensorBoard."""
+        ...
+
+    def save(self, media: torch.Tensor, path: str | Path, **options: Any) -> list[Path]:
+        """Write decoded media to files (.png, .wav, .mp4); returns the paths written."""
+        ...
+
+
+def state_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
+    """One line per field that differs between two codec (or model) states, in key order."""
+    lines = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key, "<missing>"), found.get(key, "<missing>")
+        if a != b:
+            lines.append(f"  {key}: {a!r} != {b!r}")
+    return lines
+
+
+def check_state(expected: Mapping[str, Any], found: Mapping[str, Any], what: str) -> None:
+    """Raise ValueError listing every differing field; `what` names the two sides."""
+    diff = state_differences(expected, found)
+    if diff:
+        raise ValueError(f"{what} differ in {len(diff)} field(s) (expected != found):\n" + "\n".join(diff))
+
+
+def available_modalities() -> dict[str, str]:
+    """name -> "module:object" of every registered modality."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get_modality(name: str) -> Modality:
+    """The registered modality `name`, instantiated. Third-party packages register the same way."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()()
+    raise KeyError(
+        f"no modality {name!r} is registered under the entry-point group {ENTRY_POINT_GROUP!r}; "
+        f"available: {sorted(available_modalities())} (is its package installed?)"
+    )

@@ -1,0 +1,191 @@
+"""Checkpoints: safetensors for weights, a tensors-only training state, JSON metadata; written atomically.
+
+A checkpoint is a directory `<run>/checkpoints/iter-<N>/` holding
+    model.safetensors    the trained weights (the TrigFlowPrecond, adaptive-weight head included)
+    ema.safetensors      every EMA average, keys prefixed "<name>." (e.g. "ema." or "ema-0.050.")
+    state.pt             optimizer, grad scaler, iteration, samples seen, data position, RNG states
+    rng-rank<R>.pt       each rank's random state (per-rank seeds), so a resumed run repeats itself
+    meta.json            how to rebuild the model (a JSON spec), the codec settings, the run config
+It is written into `iter-<N>.tmp-<pid>` and renamed into place only when complete, so a run killed
+while saving leaves the previous checkpoint intact. Loading never unpickles arbitrary objects:
+safetensors for weights, `torch.load(weights_only=True)` for the state, json for the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^iter-(\d+)$")
+
+# Modules a checkpoint's spec may name. A spec is data from a file: restricting its targets to these
+# packages keeps "load a checkpoint" from meaning "call any function" (cf. the unpickling rule).
+ALLOWED_SPEC_PREFIXES = ("scm_mm.", "scm_mm_")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter-{iteration:09d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (unfinished `.tmp-*` directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint), a checkpoint directory, or a file inside one."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if (path / "meta.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a run directory with {CHECKPOINT_DIR}/iter-*/ or a checkpoint "
+            "directory holding meta.json and model.safetensors"
+        )
+    return latest
+
+
+def _cpu_tensors(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    # clone() breaks storage sharing, which safetensors refuses to write
+    return {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    iteration: int,
+    *,
+    model: Mapping[str, torch.Tensor],            # full (unsharded) model state dict
+    ema: Mapping[str, Mapping[str, torch.Tensor]],  # name -> state dict of each average
+    state: dict[str, Any],                        # tensors, numbers, strings, lists and dicts only
+    meta: dict[str, Any],                         # JSON-serialisable
+    rank_states: Mapping[int, dict[str, Any]],    # rank -> that rank's random state
+    keep_last: int = 3,                           # delete older checkpoints beyond this many; 0 keeps all
+) -> Path:
+    """Write one checkpoint atomically and prune old ones. Call on one rank (gather rank states first)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / checkpoint_name(iteration)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(_cpu_tensors(model), str(tmp / "model.safetensors"), metadata={"iteration": str(iteration)})
+    ema_tensors: dict[str, torch.Tensor] = {}
+    for name, sd in ema.items():
+        ema_tensors.update(_cpu_tensors(sd, prefix=f"{name}."))
+    save_file(ema_tensors, str(tmp / "ema.safetensors"), metadata={"names": json.dumps(list(ema))})
+    torch.save(state, tmp / "state.pt")
+    for rank, rs in rank_states.items():
+        torch.save(rs, tmp / f"rng-rank{rank}.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "iteration": iteration}, indent=2, default=str))
+    if final.exists():  # the same iteration saved twice (e.g. the final save after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_meta(checkpoint: str | Path) -> dict[str, Any]:
+    return json.loads((resolve_checkpoint(checkpoint) / "meta.json").read_text())
+
+
+def load_weights(checkpoint: str | Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """`which` = "model" for the trained weights, or an EMA name ("ema", "ema-0.050", ...)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    if which == "model":
+        return load_file(str(ckpt / "model.safetensors"))
+    tensors = load_file(str(ckpt / "ema.safetensors"))
+    prefix = f"{which}."
+    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not found:
+        names = sorted({k.split(".", 1)[0] for k in tensors})
+        raise KeyError(f"{ckpt} has no EMA named {which!r}; it has {names} (and 'model')")
+    return found
+
+
+def ema_names(checkpoint: str | Path) -> list[str]:
+    tensors = load_file(str(resolve_checkpoint(checkpoint) / "ema.safetensors"))
+    return sorted({k.split(".", 1)[0] for k in tensors})
+
+
+def load_state(checkpoint: str | Path, rank: int | None = None) -> dict[str, Any]:
+    """The training state, or with `rank` that rank's random state; tensors and plain data only."""
+    ckpt = resolve_checkpoint(checkpoint)
+    path = ckpt / ("state.pt" if rank is None else f"rng-rank{rank}.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """`{"_target_": "package.module.Name", **kwargs}` -> Name(**kwargs), for scm-mm's own builders only.
+
+    Nested specs (dicts with a `_target_`) are built first. This mirrors Hydra's instantiate for the
+    JSON a checkpoint stores, so loading a model needs no Hydra.
+    """
+    spec = dict(spec)
+    target = spec.pop("_target_", None)
+    if not isinstance(target, str):
+        raise ValueError(f"a model spec needs a '_target_' string, got {target!r}")
+    if not target.startswith(ALLOWED_SPEC_PREFIXES):
+        raise ValueError(f"refusing to build {target!r} from a checkpoint: only {ALLOWED_SPEC_PREFIXES} are allowed")
+    module_name, _, attr = target.rpartition(".")
+    builder = getattr(importlib.import_module(module_name), attr)
+    kwargs = {k: build_from_spec(v) if isinstance(v, Mapping) and "_target_" in v else v for k, v in spec.items()}
+    module = builder(**kwargs)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{target} built a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:
+    """Lines naming missing, unexpected and differently shaped tensors between two state dicts."""
+    lines = [f"  missing: {k} {tuple(v.shape)}" for k, v in expected.items() if k not in found]
+    lines += [f"  unexpected: {k} {tuple(v.shape)}" for k, v in found.items() if k not in expected]
+    lines += [
+        f"  shape of {k}: expected {tuple(v.shape)}, found {tuple(found[k].shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    return lines
+
+
+def load_into(
+    module: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    what: str,
+    allow_missing: tuple[str, ...] = (),  # key substrings that may be absent (e.g. a new guidance embedding)
+) -> None:
+    """load_state_dict with a message that lists every difference, instead of the first one."""
+    expected = module.state_dict()
+    lines = [
+        line
+        for line in describe_mismatch(expected, weights)
+        if not (line.startswith("  missing:") and any(s in line for s in allow_missing))
+    ]
+    if lines:
+        shown = "\n".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+        raise ValueError(f"{what} does not fit the model ({len(lines)} difference(s)):\n{shown}")
+    module.load_state_dict(weights, strict=False)

@@ -1,0 +1,111 @@
+"""Process groups and model wrapping with PyTorch's own machinery: torchrun, DDP and FSDP2.
+
+`init_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or
+under SLURM without torchrun, derives it from the SLURM variables through submitit's helper (the
+Hydra submitit launcher starts one task per GPU). A single process needs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _export_slurm_environment() -> None:
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError as e:  # pragma: no cover - only on SLURM without submitit
+        raise RuntimeError("a multi-task SLURM job needs submitit (pip install 'scm-mm[slurm]') or torchrun") from e
+    TorchDistributedEnvironment().export()
+
+
+def init_distributed(device: str = "auto", backend: str | None = None) -> DistInfo:
+    """Join the process group if the environment describes one; pick this rank's device.
+
+    device: "auto" (CUDA if available), "cpu" or "cuda". backend: None = nccl on CUDA, gloo on CPU.
+    """
+    _export_slurm_environment()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:
+    """The micro-batch of one rank, so that the global batch is the same for any world size."""
+    per_step = world_size * accum_steps
+    if global_batch % per_step:
+        raise ValueError(
+            f"batch_size={global_batch} does not split into {world_size} rank(s) x {accum_steps} accumulation "
+            f"step(s); choose a multiple of {per_step}"
+        )
+    return global_batch // per_step
+
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+def wrap_model(model: nn.Module, info: DistInfo, strategy: Strategy = "ddp") -> nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on each block that has parameters of its own, then the root).
+
+    The sCM tangent is computed on the unwrapped module under no_grad (scm_mm.jvp.unwrap): for DDP
+    that skips its hooks; FSDP2 modifies the module in place and its forward hooks gather the
+    parameters, which works under torch.func.jvp because no post-backward hooks are installed
+    without grad (checked by tests/test_training.py against a single process).
+    """
+    if not info.enabled:
+        return model
+    if strategy == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _shardable_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def _shardable_blocks(model: nn.Module) -> list[nn.Module]:
+    """Entries of the network's ModuleLists (U-Net stages, DiT blocks), the usual FSDP unit; innermost
+    first, since fully_shard must see nested units before the units that hold them."""
+    blocks = [block for lst in model.modules() if isinstance(lst, nn.ModuleList) for block in lst]
+    return blocks[::-1]

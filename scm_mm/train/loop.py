@@ -1,0 +1,383 @@
+"""The training loop: one function for teachers (diffusion), sCT and sCD, on one process or many.
+
+Read top to bottom: set up (devices, seeds, optimiser, EMA, resume), then per iteration: draw the
+micro-batches, forward and backward under autocast, clip and step, update the EMA, then log, preview,
+evaluate and checkpoint. Progress is counted in iterations (optimiser steps) and samples seen.
+
+Randomness and the world size: data order comes from DistributedSampler (fixed seed, set per epoch),
+and the loss's random inputs (times, noise, label dropout, guidance scales) are drawn once per
+iteration for the whole global batch from a generator seeded by (seed, iteration); each rank takes
+the rows of its samples. So a run gives the same updates on 1 or N processes, with or without
+gradient accumulation (tests/test_training.py checks 2 gloo processes against 1). Dropout masks come
+from each rank's own RNG, saved per rank in every checkpoint with the optimiser and the averages, so
+on the CPU a run killed and resumed repeats the losses of an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ..jvp import unwrap
+from ..losses import DiffusionLoss, SCMLoss
+from ..precond import TrigFlowModel
+from .checkpoint import latest_checkpoint, load_state, load_weights, resolve_checkpoint, save_checkpoint
+from .distributed import DistInfo, Strategy, per_rank_batch, wrap_model
+from .ema import EMA, PowerEMA
+from .step import apply_gradients
+
+Hook = Callable[[nn.Module, int], Any]  # (EMA model, iteration) -> result
+
+
+@dataclass
+class TrainOptions:
+    """Everything about how to train; the model, objective and data come separately."""
+
+    iters: int = 1000                    # optimiser steps in total
+    batch_size: int = 64                 # global batch: constant across world sizes and accumulation
+    accum_steps: int = 1                 # micro-batches per optimiser step on each rank
+    optimizer: Literal["adam", "radam"] = "adam"
+    lr: float = 1e-4                     # reference learning rate
+    lr_ref_iters: int = 0                # EDM2 decay lr / sqrt(max(it / t_ref, 1)); 0 = constant (App. G)
+    lr_rampup_iters: int = 0             # linear warmup of the learning rate
+    betas: tuple[float, float] = (0.9, 0.99)  # App. G: Adam beta = (0.9, 0.99)
+    eps: float = 1e-11                   # App. G: Adam eps 1e-11 (RAdam on CIFAR-10: 1e-8)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None   # clip the global gradient norm
+    ema: Literal["power", "classic", "none"] = "power"
+    ema_sigma_rels: tuple[float, ...] = (0.05,)  # power EMA; the paper samples with sigma_rel = 0.05
+    ema_halflife_samples: float = 500_000  # classic EMA half-life (CIFAR-10: 0.5 Mimg)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the backbone
+    strategy: Strategy = "ddp"           # with several processes: DDP, or FSDP2 for large models
+    seed: int = 0
+    num_workers: int = 0                 # DataLoader workers per rank
+    log_every: int = 10                  # iterations between progress/TensorBoard scalars
+    ckpt_every: int = 500                # iterations between checkpoints (and one at the end)
+    keep_last: int = 3                   # checkpoints kept
+    sample_every: int = 0                # iterations between sample grids; 0 = never
+    eval_every: int = 0                  # iterations between evaluations; 0 = only `evaluate` at the end
+    resume: str = "auto"                 # "auto": latest checkpoint of run_dir if any; "never"; or a path
+    progress: bool = True                # the tqdm bar (rank 0)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # per iteration of this call (rank mean)
+    iteration: int = 0
+    skipped_steps: int = 0
+    checkpoint: Path | None = None
+    evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def learning_rate(options: TrainOptions, it: int) -> float:
+    """EDM2's schedule: inverse square-root decay after t_ref, with an optional linear ramp-up."""
+    lr = options.lr
+    if options.lr_ref_iters > 0:
+        lr /= math.sqrt(max(it / options.lr_ref_iters, 1.0))
+    if options.lr_rampup_iters > 0:
+        lr *= min(it / options.lr_rampup_iters, 1.0)
+    return lr
+
+
+def make_optimizer(params: Any, options: TrainOptions) -> torch.optim.Optimizer:
+    lr, betas, eps, decay = options.lr, tuple(options.betas), options.eps, options.weight_decay
+    if options.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=decay)  # type: ignore[arg-type]
+    if options.optimizer == "radam":
+        return torch.optim.RAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=decay)  # type: ignore[arg-type]
+    raise ValueError(f"optimizer must be 'adam' or 'radam', got {options.optimizer!r}")
+
+
+def make_ema(model: nn.Module, options: TrainOptions) -> EMA | PowerEMA | None:
+    if options.ema == "power":
+        return PowerEMA(model, sigma_rels=options.ema_sigma_rels)
+    if options.ema == "classic":
+        return EMA(model, halflife_samples=options.ema_halflife_samples)
+    if options.ema == "none":
+        return None
+    raise ValueError(f"ema must be 'power', 'classic' or 'none', got {options.ema!r}")
+
+
+def sampling_model(model: nn.Module, ema: EMA | PowerEMA | None) -> nn.Module:
+    """The weights to sample with: the first EMA average, or the model itself without one."""
+    return next(iter(ema.named_averages().values())) if ema is not None else unwrap(model)
+
+
+def _batches(
+    dataset: Dataset, micro: int, info: DistInfo, options: TrainOptions, epoch: int, start: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of this rank's micro-batches, from micro-batch `start` on (for resuming mid-epoch)."""
+    sampler: DistributedSampler = DistributedSampler(
+        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=options.seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    indices = list(sampler)[start * micro :]
+    loader = DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=micro,
+        sampler=indices,  # type: ignore[arg-type]
+        drop_last=True,
+        num_workers=options.num_workers,
+        generator=torch.Generator().manual_seed(options.seed * 100_003 + epoch * 1009 + info.rank),
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def _rank_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rank_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _draw(
+    objective: DiffusionLoss | SCMLoss,
+    batch: int,
+    x0: torch.Tensor,  # a micro-batch, for the sample shape and dtype
+    labelled: bool,
+    teacher: TrigFlowModel | None,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    shape = tuple(x0.shape[1:])
+    kw: dict[str, Any] = {"labelled": labelled, "generator": generator, "device": x0.device, "dtype": x0.dtype}
+    if isinstance(objective, SCMLoss):
+        return objective.draw(batch, shape, distil=teacher is not None, **kw)
+    return objective.draw(batch, shape, **kw)
+
+
+def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextmanager
+def _no_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync; FSDP2's switch)."""
+    if sync:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        switch = cast(Callable[[bool], None], model.set_requires_gradient_sync)
+        switch(False)
+        try:
+            yield
+        finally:
+            switch(True)
+    else:
+        yield
+
+
+def train(
+    model: TrigFlowModel,                # the network to train, initialised (a student from its teacher)
+    objective: DiffusionLoss | SCMLoss,  # teacher loss, or sCT/sCD
+    dataset: Dataset,                    # items (x0 (C, *dims) float, label long scalar)
+    options: TrainOptions,
+    run_dir: str | Path,
+    *,
+    teacher: TrigFlowModel | None = None,  # sCD: the frozen teacher
+    meta: dict[str, Any] | None = None,  # stored in every checkpoint (model spec, codec, config)
+    preview: Hook | None = None,         # (model, it) -> uint8 image (3, H, W) for TensorBoard
+    evaluate: Hook | None = None,        # (model, it) -> {metric: value}
+    info: DistInfo | None = None,
+    stop_at: int | None = None,          # end this call after that iteration (tests, time limits)
+) -> TrainResult:
+    info = info or DistInfo()
+    device, run_dir = info.device, Path(run_dir)
+    if isinstance(objective, DiffusionLoss) and teacher is not None:
+        raise ValueError("a diffusion (teacher) objective takes no teacher")
+    micro = per_rank_batch(options.batch_size, options.accum_steps, info.world_size)
+    if len(dataset) < micro * info.world_size:  # type: ignore[arg-type]
+        n = len(dataset)  # type: ignore[arg-type]
+        raise ValueError(f"the dataset has {n} items, fewer than one micro-batch on each of {info.world_size} rank(s)")
+
+    torch.manual_seed(options.seed * 7919 + info.rank)  # dropout masks differ per rank
+    labelled = bool(getattr(dataset, "num_classes", 0))
+
+    model.to(device).train()
+    ema = make_ema(model, options)  # full-weight averages on every rank (see ema._full)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    wrapped = wrap_model(model, info, options.strategy)
+    student = cast(TrigFlowModel, wrapped)  # DDP forwards to the TrigFlowModel it wraps
+    optimizer = make_optimizer(wrapped.parameters(), options)
+    scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    # Resume: weights, optimiser, averages, scaler, data position and each rank's random state.
+    it, epoch, micro_in_epoch, skipped = 0, 0, 0, 0
+    source = None
+    if options.resume == "auto":
+        source = latest_checkpoint(run_dir)
+    elif options.resume != "never":
+        source = resolve_checkpoint(options.resume)
+    if source is not None:
+        state = load_state(source)
+        weights: dict[str, Any] = dict(load_weights(source))
+        set_model_state_dict(wrapped, weights, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            wrapped, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
+        if ema is not None:
+            for name, avg in ema.named_averages().items():
+                avg.load_state_dict(load_weights(source, name))
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        it, epoch, micro_in_epoch, skipped = state["iteration"], state["epoch"], state["micro"], state["skipped"]
+        _set_rank_rng(load_state(source, rank=info.rank), device)
+        if info.is_main:
+            tqdm.write(f"resumed from {source} at iteration {it}")
+
+    writer = None
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (TensorBoard loads slowly)
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=it if it > 0 else None)
+    bar = tqdm(total=options.iters, initial=it, disable=not (info.is_main and options.progress), desc="train")
+    result = TrainResult(iteration=it, skipped_steps=skipped)
+    pending: list[torch.Tensor] = []  # per-iteration losses not yet synced to the host
+    stats_sum: dict[str, Any] = {}
+    last_log = time.perf_counter()
+    last_log_it = it
+    batches = _batches(dataset, micro, info, options, epoch, micro_in_epoch)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+
+    def save() -> Path | None:
+        model_sd = cast(dict[str, torch.Tensor], get_model_state_dict(wrapped, options=full))
+        optim_sd = get_optimizer_state_dict(wrapped, optimizer, options=full)
+        rank_states = _gather_objects(_rank_rng(device), info)
+        path = None
+        if info.is_main:
+            state = {
+                "iteration": it, "epoch": epoch, "micro": micro_in_epoch, "skipped": skipped,
+                "seen": it * options.batch_size, "optimizer": optim_sd,
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "options": json.dumps(asdict(options)),
+            }  # fmt: skip
+            averages = {n: a.state_dict() for n, a in ema.named_averages().items()} if ema is not None else {}
+            path = save_checkpoint(
+                run_dir, it, model=model_sd, ema=averages, state=state, meta=meta or {},
+                rank_states=dict(enumerate(rank_states)), keep_last=options.keep_last,
+            )  # fmt: skip
+        if info.enabled:
+            dist.barrier()
+        return path
+
+    while it < options.iters and (stop_at is None or it < stop_at):
+        # One optimiser step: accum_steps micro-batches on each rank.
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(options, it)
+        step_loss = torch.zeros((), device=device)
+        step_rng = torch.Generator(device).manual_seed(options.seed * 1_000_003 + it)
+        draws: dict[str, torch.Tensor] = {}
+        for k in range(options.accum_steps):
+            try:
+                x0, labels = next(batches)
+            except StopIteration:
+                epoch, micro_in_epoch = epoch + 1, 0
+                batches = _batches(dataset, micro, info, options, epoch, 0)
+                x0, labels = next(batches)
+            micro_in_epoch += 1
+            x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if not draws:  # the whole global batch's random inputs, drawn identically on every rank
+                draws = _draw(objective, options.batch_size, x0, labelled, teacher, step_rng)
+            rows = (k * micro + torch.arange(micro, device=device)) * info.world_size + info.rank  # this rank's
+            mine: dict[str, Any] = {key: value[rows] for key, value in draws.items()}
+            cond_labels = labels if labelled else None
+            with _no_sync(wrapped, sync=k == options.accum_steps - 1):
+                with autocast:
+                    if isinstance(objective, SCMLoss):
+                        loss, stats = objective(student, x0, cond_labels, teacher=teacher, step=it, **mine)
+                    else:
+                        loss, stats = objective(student, x0, cond_labels, **mine)
+                scaled = loss / options.accum_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            step_loss += loss.detach() / options.accum_steps
+            for key, value in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0) + torch.as_tensor(value, device=device).float()
+        applied, grad_norm = apply_gradients(optimizer, wrapped.parameters(), options.max_grad_norm, scaler)
+        skipped += int(not applied)
+        it += 1
+        if ema is not None and applied:
+            ema.update(unwrap(wrapped), seen=it * options.batch_size, batch=options.batch_size)
+        pending.append(step_loss)
+        stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0) + grad_norm.float()
+
+        # Logging: one host sync per log interval.
+        if it % options.log_every == 0 or it == options.iters or it == stop_at:
+            losses = torch.stack(pending)
+            if info.enabled:  # the mean over ranks (gloo has no ReduceOp.AVG)
+                dist.all_reduce(losses)
+                losses /= info.world_size
+            values = losses.tolist()
+            result.losses.extend(values)
+            n = len(values)
+            now = time.perf_counter()
+            rate = (it - last_log_it) * options.batch_size / max(now - last_log, 1e-9)
+            per_step = {k: float(v) / n for k, v in stats_sum.items()}  # loss stats: summed over micro-batches
+            scalars = {f"train/{k}": v if k == "grad_norm" else v / options.accum_steps for k, v in per_step.items()}
+            scalars.update({"train/loss": sum(values) / n, "train/lr": learning_rate(options, it - 1),
+                            "train/samples_per_s": rate, "train/skipped_steps": skipped})  # fmt: skip
+            if writer is not None:
+                for key, scalar in scalars.items():
+                    writer.add_scalar(key, scalar, it)
+                with open(run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps({"iteration": it, **scalars}) + "\n")
+            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+            bar.update(it - last_log_it)
+            pending, stats_sum, last_log, last_log_it = [], {}, now, it
+
+        done = it == options.iters
+        if preview is not None and options.sample_every and (it % options.sample_every == 0 or done):
+            if info.is_main and writer is not None:
+                writer.add_image("samples", preview(sampling_model(wrapped, ema), it), it)
+        if evaluate is not None and ((options.eval_every and it % options.eval_every == 0) or done):
+            if info.is_main:
+                metrics = evaluate(sampling_model(wrapped, ema), it)
+                result.evaluations[it] = metrics
+                for key, value in metrics.items():
+                    if writer is not None:
+                        writer.add_scalar(f"eval/{key}", value, it)
+                tqdm.write(f"iteration {it}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if info.enabled:
+                dist.barrier()
+        if it % options.ckpt_every == 0 or done:
+            result.checkpoint = save()
+
+    bar.close()
+    if writer is not None:
+        writer.close()
+    result.iteration, result.skipped_steps = it, skipped
+    return result

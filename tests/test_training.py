@@ -1,0 +1,146 @@
+"""The training loop: exact resume, atomic checkpoints, and 1 vs 2 processes (DDP and FSDP2, gloo)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
+from scm_mm.data import TensorPairs
+from scm_mm.nn.unet import UNet
+from scm_mm.train.checkpoint import (
+    build_from_spec,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    read_meta,
+)
+from scm_mm.train.distributed import DistInfo, per_rank_batch
+from scm_mm.train.loop import TrainOptions, learning_rate, train
+
+NET = {
+    "_target_": "scm_mm.nn.unet.UNet", "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2],
+    "num_blocks": 1, "num_classes": 3, "groups": 4,
+}  # fmt: skip
+
+
+def make_model(dropout: float = 0.0, guidance: bool = False) -> TrigFlowPrecond:
+    torch.manual_seed(0)
+    net = build_from_spec({**NET, "dropout": dropout, "guidance_embed": guidance})
+    model = TrigFlowPrecond(net, sigma_d=0.5, logvar_channels=8)
+    with torch.no_grad():  # a non-zero output layer, so every parameter gets a gradient from step one
+        net.conv_out.weight.normal_(std=0.05)
+    return model
+
+
+def dataset(n: int = 48) -> TensorPairs:
+    g = torch.Generator().manual_seed(3)
+    return TensorPairs(torch.randn(n, 1, 8, 8, generator=g) * 0.5, torch.randint(0, 3, (n,), generator=g), 3)
+
+
+def options(**kw) -> TrainOptions:
+    base = dict(iters=6, batch_size=8, accum_steps=2, lr=1e-3, ckpt_every=2, keep_last=2, log_every=1, progress=False)
+    return TrainOptions(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["diffusion", "sct", "scd"])
+def test_killed_and_resumed_run_repeats_the_losses(tmp_path, method):
+    teacher = make_model() if method == "scd" else None
+    objective = DiffusionLoss(label_dropout=0.2) if method == "diffusion" else SCMLoss(warmup_iters=4)
+    data = dataset()
+
+    def run(run_dir, **kw):
+        student = make_model(dropout=0.2, guidance=method == "scd")
+        return train(student, objective, data, options(), run_dir, teacher=teacher, meta={"net": NET}, **kw)
+
+    full = run(tmp_path / "full")
+    first = run(tmp_path / "killed", stop_at=5)  # dies at iteration 5; the last checkpoint is at 4
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["iter-000000002", "iter-000000004"]
+    resumed = run(tmp_path / "killed")  # resume="auto"
+    assert len(full.losses) == 6 and all(torch.isfinite(torch.tensor(full.losses)))
+    assert first.losses == full.losses[:5]
+    assert resumed.losses == full.losses[4:]  # exactly, step for step
+    final = load_weights(tmp_path / "full")
+    for key, value in load_weights(tmp_path / "killed").items():
+        torch.testing.assert_close(value, final[key], rtol=0, atol=0)
+
+
+def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
+    train(make_model(), DiffusionLoss(), dataset(), options(iters=6, keep_last=2), tmp_path, meta={"net": NET})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000004", "iter-000000006"]
+    (tmp_path / "checkpoints" / "iter-000000008.tmp-123").mkdir()  # a run killed while saving
+    assert latest_checkpoint(tmp_path).name == "iter-000000006"
+    meta = read_meta(tmp_path)
+    assert meta["iteration"] == 6 and meta["net"] == NET
+    # the EMA average named by the power EMA's sigma_rel, loadable into a model built from the spec
+    model = make_model()
+    model.load_state_dict(load_weights(tmp_path, "ema-0.050"))
+
+
+def test_checkpoint_spec_refuses_foreign_targets():
+    with pytest.raises(ValueError, match="refusing"):
+        build_from_spec({"_target_": "os.system", "command": "true"})
+    assert isinstance(build_from_spec(NET), UNet)
+
+
+def test_learning_rate_schedule_and_batch_split():
+    o = TrainOptions(lr=1e-2, lr_ref_iters=100, lr_rampup_iters=10)
+    assert learning_rate(o, 5) == pytest.approx(5e-3)
+    assert learning_rate(o, 100) == pytest.approx(1e-2)
+    assert learning_rate(o, 400) == pytest.approx(5e-3)  # 1 / sqrt(400 / 100)
+    assert per_rank_batch(64, 2, 4) == 8
+    with pytest.raises(ValueError, match="multiple of 12"):
+        per_rank_batch(64, 3, 4)
+
+
+def test_a_nonfinite_step_is_skipped(tmp_path):
+    data = dataset()
+    data.x0[:] = float("nan")  # every sample bad: the loss refuses the batch
+    with pytest.raises(ValueError, match="NaN or inf"):
+        train(make_model(), DiffusionLoss(), data, options(iters=1), tmp_path)
+
+
+# --- 1 process vs 2 (gloo) -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, run_dir: str, out: dict) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for strategy in STRATEGIES:  # one pair of processes for both, as starting them is the slow part
+        model = make_model().double()
+        objective = SCMLoss(warmup_iters=2, loss_dtype=torch.float64)
+        data = TensorPairs(dataset().x0.double(), dataset().labels, 3)
+        opts = options(iters=3, accum_steps=1, strategy=strategy, ckpt_every=3)
+        train(model, objective, data, opts, f"{run_dir}/{strategy}", info=DistInfo(rank, 2, rank, torch.device("cpu")))
+        state = torch.distributed.checkpoint.state_dict.get_model_state_dict(model)
+        out[strategy, rank] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    torch.distributed.destroy_process_group()
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """DDP and FSDP2 on 2 gloo processes, batch 4 each, against 1 process with 2 accumulation steps of 4."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), out), nprocs=2, join=True)
+
+    model = make_model().double()
+    data = TensorPairs(dataset().x0.double(), dataset().labels, 3)
+    objective = SCMLoss(warmup_iters=2, loss_dtype=torch.float64)
+    train(model, objective, data, options(iters=3, accum_steps=2, ckpt_every=3), tmp_path / "one")
+    single = model.state_dict()
+    for strategy in STRATEGIES:
+        for key, value in single.items():
+            torch.testing.assert_close(out[strategy, 0][key], out[strategy, 1][key], rtol=0, atol=0)  # ranks agree
+            torch.testing.assert_close(out[strategy, 0][key], value, rtol=1e-9, atol=1e-12)  # and equal 1 process
+        saved = load_weights(tmp_path / strategy)  # the checkpoint holds the full (gathered) weights
+        torch.testing.assert_close(saved["net.conv_out.weight"], single["net.conv_out.weight"], rtol=1e-9, atol=1e-12)
