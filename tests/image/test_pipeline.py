@@ -3,6 +3,7 @@
 Also the refusals: a config typo, a teacher of another architecture or parameterization.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from scm_mm_image.data import MNIST
 from scm_mm_image.metrics import train_classifier
 
 TINY = [
-    "data.dataset.resolution=16", "data.shape=[1,16,16]", "train.batch_size=8", "train.progress=false",
+    "train.batch_size=8", "train.progress=false",
     "train.log_every=1", "device=cpu",
 ]  # fmt: skip
 
@@ -107,3 +108,15 @@ def test_every_experiment_composes_and_builds_its_net(name):
         net = build_from_spec(train.plain(cfg.net))
     assert net.in_channels == cfg.data.shape[0]
     assert cfg.train.batch_size % 8 == 0 and cfg.method.loss.sigma_d == cfg.modality.sigma_d
+
+
+def test_generate_image_example_trains_caches_and_reuses(tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "generate_image.py"
+    cmd = [sys.executable, str(example), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "d.png"),
+           "--n", "4", "--teacher-iters", "2", "--student-iters", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    assert (tmp_path / "d.png").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "cache" / "mnist_scd")] == ["iter-000000001"]
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)  # reuses: no new iterations
+    assert "resumed from" in again.stdout + again.stderr
