@@ -27,14 +27,13 @@ import torch
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.data import training_set
-from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_model, load_teacher
 from scm_mm.train.loop import TrainOptions, train
 from scm_mm_image import ImageModality, image_grid, save_png
 from scm_mm_image.codecs import PixelCodec
 from scm_mm_image.data import MNIST
-from scm_mm_image.metrics import ClassifierFeatures, extract_features, train_classifier
+from scm_mm_image.metrics import ClassifierFeatures, evaluate_images, extract_features, train_classifier
 from scm_mm_image.presets import unet_spec
 
 
@@ -70,7 +69,6 @@ def main() -> None:
         classifier = train_classifier(data, epochs=6, seed=0)
         classifier.save(clf_dir)
     real_features, _ = extract_features(classifier, real, 500)
-    real_stats = FeatureStats().update(real_features)
 
     spec = {"net": unet_spec("mnist-tiny", num_classes=10), "precond": {"sigma_d": 0.5, "logvar_channels": 128}}
     student_spec = {**spec, "net": {**spec["net"], "guidance_embed": True}}
@@ -103,13 +101,10 @@ def main() -> None:
         t0 = time.perf_counter()
         images = pipe.generate(args.n, steps=steps, method=method, seed=1, guidance=guidance, batch_size=250)
         seconds = time.perf_counter() - t0
-        features, logits = extract_features(classifier, images, 500)
-        stats = FeatureStats().update(features)
-        precision, recall = precision_recall(real_features, features)
+        scores = evaluate_images(images, real_features, classifier, batch_size=500)
         row = {
-            "model": name, "sampler": method, "steps": steps, "nfe": nfe, "seconds": seconds,
-            "fid": frechet_distance(stats.mu, stats.sigma, real_stats.mu, real_stats.sigma),
-            "is": inception_score(logits)[0], "precision": precision, "recall": recall,
+            "model": name, "sampler": method, "steps": steps, "nfe": nfe, "seconds": seconds, "fid": scores["fid"],
+            "is": scores["is_mean"], "precision": scores["precision"], "recall": scores["recall"],
         }  # fmt: skip
         save_png(image_grid(images[:100], nrow=10), out / f"{name}_{method}_{steps}.png")
         print(json.dumps(row))

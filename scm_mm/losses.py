@@ -83,11 +83,10 @@ def _time_and_noise(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """t from the time proposal (Algorithm 1) and z ~ N(0, sigma_d^2 I), unless given."""
-    if t is None:
-        kw = {"P_mean": loss.P_mean, "P_std": loss.P_std, "sigma_d": loss.sigma_d}
-        t = sample_time(x0.shape[0], **kw, generator=generator, device=x0.device)
-    if z is None:
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * loss.sigma_d
+    if t is None or z is None:
+        drawn = _draw_time_and_noise(loss, x0.shape[0], tuple(x0.shape[1:]), generator, x0.device, x0.dtype)
+        t = drawn["t"] if t is None else t
+        z = drawn["z"] if z is None else z
     return t.to(x0.dtype), z.to(x0.dtype)
 
 

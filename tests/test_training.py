@@ -95,7 +95,7 @@ def test_learning_rate_schedule_and_batch_split():
         per_rank_batch(64, 3, 4)
 
 
-def test_a_nonfinite_step_is_skipped(tmp_path):
+def test_an_all_nonfinite_batch_is_refused(tmp_path):
     data = dataset()
     data.x0[:] = float("nan")  # every sample bad: the loss refuses the batch
     with pytest.raises(ValueError, match="NaN or inf"):

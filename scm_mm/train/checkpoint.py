@@ -119,8 +119,9 @@ def load_weights(checkpoint: str | Path, which: str = "model") -> dict[str, torc
     ckpt = resolve_checkpoint(checkpoint)
     if which == "model":
         return load_file(str(ckpt / "model.safetensors"))
-    if which not in ema_names(ckpt):
-        raise KeyError(f"{ckpt} has no EMA named {which!r}; it has {ema_names(ckpt)} (and 'model')")
+    names = ema_names(ckpt)
+    if which not in names:
+        raise KeyError(f"{ckpt} has no EMA named {which!r}; it has {names} (and 'model')")
     prefix = f"{which}."
     tensors = load_file(str(ckpt / "ema.safetensors"))
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
