@@ -1,0 +1,73 @@
+"""Mel denoisers as presets: a transformer over frames and a 2-D U-Net over (mel bins x frames).
+
+Two layouts of the mel codec (codec.MelCodec) meet two network families of the core:
+
+    layout "1d": x0 (B, channels * n_mels, T) -> DiT with 1-D patches over frames; a token is
+                 `patch` frames of every bin, so the mel bins are the channels
+    layout "2d": x0 (B, channels, n_mels, T)  -> U-Net over (bins x frames), like an image
+
+Both attend through the core's JVP-capable attention, take class labels (pitch, instrument, digit,
+speaker) and, for an sCD student, the CFG scale as an input (App. G.2). Their token grids and
+convolutions work for any number of frames divisible by `frame_multiple(net)`, so one model
+generates clips of any length (AudioSCM.generate(seconds=...)).
+
+A checkpoint stores the net as {"_target_": "scm_mm_audio.presets.build_mel_net", "name": ..., **overrides}
+(scm_mm.train.checkpoint.build_from_spec), so a preset is data, as in scm_mm_image.presets.
+
+    preset         family  for                                      params (64 bins, 12 classes)
+    notes-dit      DiT     the embedded notes on a CPU (small_16k)  see tests/audio/test_presets.py
+    mel-dit-s/m/l  DiT     speech/music mels (80 or 100 bins), GPU
+    mel-unet-s/m   U-Net   the same, as 2-D images, GPU
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from scm_mm.nn.dit import DiT
+from scm_mm.nn.unet import UNet
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 32 tokens of 2 frames for a 64-frame clip. On one CPU thread, forward + backward at batch 64
+    # over 64 bins x 32 frames takes about 0.2 s (bench/audio_notes.py measures the whole recipe).
+    "notes-dit": {"family": "dit", "patch": 2, "hidden": 128, "depth": 4, "heads": 2},
+    "mel-dit-s": {"family": "dit", "patch": 2, "hidden": 384, "depth": 12, "heads": 6},
+    "mel-dit-m": {"family": "dit", "patch": 2, "hidden": 512, "depth": 16, "heads": 8},
+    "mel-dit-l": {"family": "dit", "patch": 1, "hidden": 768, "depth": 24, "heads": 12},
+    # Halves bins and frames three times: bins and frames divisible by 8 (80 bins: 80, 40, 20, 10).
+    "mel-unet-s": {"family": "unet", "model_channels": 64, "channel_mult": (1, 2, 3, 4), "num_blocks": 2,
+                   "attn_levels": (2, 3)},  # fmt: skip
+    "mel-unet-m": {"family": "unet", "model_channels": 128, "channel_mult": (1, 2, 3, 4), "num_blocks": 3,
+                   "attn_levels": (2, 3)},  # fmt: skip
+}
+
+
+def build_mel_net(
+    name: str,                      # a key of PRESETS
+    in_channels: int,               # "1d": channels * n_mels; "2d": audio channels
+    num_classes: int = 0,           # 0 = unconditional
+    guidance_embed: bool = False,   # the sCD student's CFG scale input (App. G.2)
+    dropout: float = 0.0,           # sCT regularisation (App. G); 0 for teachers of small data and sCD
+    **overrides: Any,               # any DiT or UNet keyword, e.g. depth=8
+) -> nn.Module:
+    """The preset `name` as a DiT (layout "1d") or a 2-D UNet (layout "2d")."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown mel network preset {name!r}; presets: {sorted(PRESETS)}")
+    preset = dict(PRESETS[name])
+    family = preset.pop("family")
+    common = {"num_classes": num_classes, "guidance_embed": guidance_embed, "dropout": dropout}
+    if family == "dit":
+        kwargs = {"patch_size": (preset.pop("patch"),), **preset, **common, **overrides}
+        return DiT(in_channels, **kwargs)
+    return UNet(in_channels, dims=2, **preset, **common, **overrides)
+
+
+def frame_multiple(net: nn.Module) -> int:
+    """Clips must have a multiple of this many frames: the DiT's patch, or 2^(levels - 1) for a U-Net."""
+    if isinstance(net, DiT):
+        return net.patch_size[-1]
+    if isinstance(net, UNet):
+        return 2 ** (net.levels - 1) if net.dims - 1 in net.resample_axes else 1
+    raise TypeError(f"no frame stride known for {type(net).__name__}")
