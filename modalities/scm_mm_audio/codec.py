@@ -240,6 +240,10 @@ class MelCodec:
         n = len(raw_dataset)
         if n == 0:
             raise ValueError("cannot fit the mel statistics on an empty dataset")
+        rate = getattr(raw_dataset, "sample_rate", self.spec.sample_rate)
+        if rate != self.spec.sample_rate:
+            raise ValueError(f"the dataset gives {rate} Hz audio but the mel spec expects {self.spec.sample_rate} Hz; "
+                             f"set the dataset's sample_rate to {self.spec.sample_rate}")
         k = min(max_items, n)
         indices = [i * n // k for i in range(k)]  # evenly spaced, deterministic
         count = 0

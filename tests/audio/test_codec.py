@@ -280,6 +280,9 @@ def test_griffin_lim_decode_keeps_the_length_and_the_sound():
 
 def test_state_round_trip_and_refusals():
     data = Clips(n=4)
+    with pytest.raises(ValueError, match="16000 Hz audio but the mel spec expects 22050 Hz"):
+        MelCodec("hifigan_22k").fit(data)
+    data.sample_rate = 22050  # test signals: call them 22.05 kHz audio
     codec = MelCodec("hifigan_22k", sigma_d=0.7, layout="1d").fit(data)
     state = json.loads(json.dumps(codec.state()))
     assert set(state) == {"type", "spec", "sigma_d", "layout", "channels", "mean", "std"}
