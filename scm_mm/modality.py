@@ -9,6 +9,12 @@ supplies
   (-1 = none), with a `fingerprint` string that names the data and its preprocessing (a cache key);
 - a `Modality` object, registered under the entry-point group "scm_mm.modalities", that builds the
   codec from a saved state, turns decoded media into a picture for TensorBoard, and writes files.
+  It may name its own API as `pipeline` (a subclass of scm_mm.pipeline.SCMPipeline), which
+  `SCMPipeline.load` then returns.
+
+A codec whose normalisation is measured on the data (the audio codec's per-bin mel statistics) also
+has `fitted: bool` and `fit(raw_dataset) -> codec`; the trainer fits it on the training data, and a
+student inherits the fitted codec of its teacher.
 """
 
 from __future__ import annotations

@@ -49,6 +49,8 @@ class SCMPipeline:
                 raise ValueError(f"{run_or_checkpoint}: the checkpoint's meta.json has no {key!r}")
         modality = get_modality(meta["modality"])
         codec = modality.codec_from_state(meta["codec"], **codec_overrides)
+        if cls is SCMPipeline:  # the modality's own API (ImageSCM, AudioSCM) when it names one
+            cls = getattr(modality, "pipeline", cls)
         return cls(model.to(device), codec, modality, meta["sample_shape"], meta.get("num_classes", 0), meta)
 
     @property
@@ -79,6 +81,7 @@ class SCMPipeline:
         method: str = "consistency",    # or a teacher ODE sampler: "euler", "heun", "dpmpp_2m"
         t_mid: float = 1.1,
         batch_size: int = 64,
+        shape: Sequence[int] | None = None,  # (C, *dims) of one sample; None: the training shape
     ) -> torch.Tensor:
         """x0 samples (n, C, *dims) before decoding; the same seed gives the same samples."""
         ys = self.labels_for(n, labels)
@@ -91,13 +94,25 @@ class SCMPipeline:
                 cond["labels"] = ys[start : start + b].to(self.device)
             if guidance is not None:
                 cond["guidance"] = torch.full((b,), float(guidance), device=self.device)
-            shape = (b, *self.sample_shape)
+            batch_shape = (b, *(self.sample_shape if shape is None else shape))
             out.append(
-                sample(self.model, shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
+                sample(self.model, batch_shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
                        device=self.device, **cond)  # fmt: skip
             )
         return torch.cat(out)
 
+    def shape_for(self, seconds: float) -> list[int]:
+        """The x0 shape of one sample lasting `seconds` (audio, video); other media have no duration."""
+        raise ValueError(f"{self.modality.name} samples have no duration")
+
     def generate(self, n: int, **kwargs: Any) -> torch.Tensor:
         """Decoded media for n samples; keywords as in `sample_latents`."""
         return self.codec.decode(self.sample_latents(n, **kwargs))
+
+    def media_options(self) -> dict[str, Any]:
+        """What the modality's writer and metrics need to know besides the media (e.g. a sample rate)."""
+        return {}
+
+    def save_media(self, media: torch.Tensor, path: str | Path, **options: Any) -> list[Path]:
+        """Write decoded media with the modality's writer; returns the paths written."""
+        return self.modality.save(media, path, **{**self.media_options(), **options})

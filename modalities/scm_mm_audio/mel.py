@@ -57,7 +57,9 @@ class MelSpec:
         if self.win_length > self.n_fft:
             raise ValueError(f"win_length {self.win_length} > n_fft {self.n_fft}")
         if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
-            raise ValueError(f"need 0 <= fmin < fmax <= sample_rate / 2, got {self.fmin}, {self.fmax}, {self.sample_rate}")
+            raise ValueError(
+                f"need 0 <= fmin < fmax <= sample_rate / 2, got {self.fmin}, {self.fmax}, {self.sample_rate}"
+            )
         if self.clamp <= 0:
             raise ValueError(f"clamp must be positive, got {self.clamp}")
 

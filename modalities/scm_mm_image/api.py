@@ -49,6 +49,10 @@ class ImageModality:
 
     name = "image"
 
+    @property
+    def pipeline(self) -> type[ImageSCM]:
+        return ImageSCM
+
     def codec_from_state(self, state: Mapping[str, Any], **overrides: Any) -> PixelCodec | SDVAECodec:
         return codec_from_state(state, **overrides)
 
@@ -67,6 +71,7 @@ class ImageModality:
         self,
         images: torch.Tensor,           # generated uint8 (N, C, H, W)
         reference: Dataset,             # real images: items (uint8 (C, H, W), label)
+        labels: torch.Tensor | None = None,  # the classes the images were generated for (unused)
         features: str = "classifier",   # "classifier" (offline FID) or "inception"
         inception_path: str | None = None,
         classifier_path: str | None = None,

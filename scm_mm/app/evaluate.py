@@ -21,27 +21,29 @@ from omegaconf import DictConfig
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.checkpoint import resolve_checkpoint
 
-from .sample import pick_device
-from .train import CONFIG_PATH, plain
+from .sample import codec_overrides, pick_device
+from .train import CONFIG_PATH
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=pick_device(cfg.device), **plain(cfg.codec))
+    pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=pick_device(cfg.device), **codec_overrides(cfg))
     data_cfg = pipe.meta.get("config", {}).get("data", {}).get("dataset")
     if data_cfg is None:
         raise ValueError(f"{ckpt}: the checkpoint records no dataset to compare against")
     reference = instantiate(data_cfg)
     start = time.perf_counter()
-    media = pipe.generate(
-        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, guidance=cfg.guidance, seed=cfg.seed,
-        batch_size=cfg.batch_size,
+    labels = pipe.labels_for(cfg.n, None)  # a class-conditional model cycles through its classes
+    x0 = pipe.sample_latents(
+        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, labels=labels, guidance=cfg.guidance,
+        seed=cfg.seed, batch_size=cfg.batch_size,
     )  # fmt: skip
+    media = pipe.codec.decode(x0)
     seconds = time.perf_counter() - start
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else ckpt.parent.parent.parent / ".cache"
     metrics = pipe.modality.evaluate(  # type: ignore[attr-defined]
-        media, reference, features=cfg.features, inception_path=cfg.inception_path,
-        classifier_path=cfg.classifier_path, cache_dir=cache_dir,
+        media, reference, labels=labels, features=cfg.features, inception_path=cfg.inception_path,
+        classifier_path=cfg.classifier_path, cache_dir=cache_dir, **pipe.media_options(),
     )  # fmt: skip
     result = {"checkpoint": str(ckpt), "solver": cfg.solver, "steps": cfg.steps, "n": cfg.n,
               "sampling_seconds": seconds, **metrics}  # fmt: skip

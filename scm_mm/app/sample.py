@@ -2,12 +2,14 @@
 
     scm-mm-sample checkpoint=runs/mnist_scd n=64 out=samples/digits.png
     scm-mm-sample checkpoint=runs/mnist_teacher solver=heun steps=32
+    scm-mm-sample checkpoint=runs/notes_scd out=samples/notes.wav seconds=2 vocoder=runs/notes_vocoder
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 import torch
@@ -22,17 +24,27 @@ def pick_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def run(cfg: DictConfig) -> list[Path]:
+def codec_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The codec overrides of a sample or eval config, with its `vocoder` (audio) when one is given."""
     overrides = plain(cfg.codec)
-    pipe = SCMPipeline.load(cfg.checkpoint, which=cfg.weights, device=pick_device(cfg.device), **overrides)
-    labels = OmegaConf.to_container(cfg.labels) if cfg.labels is not None else None
+    if cfg.get("vocoder") is not None:
+        overrides["vocoder"] = cfg.vocoder
+    return overrides
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    device = pick_device(cfg.device)
+    pipe = SCMPipeline.load(cfg.checkpoint, which=cfg.weights, device=device, **codec_overrides(cfg))
+    labels = cast(list[int], OmegaConf.to_container(cfg.labels)) if cfg.labels is not None else None
     start = time.perf_counter()
-    media = pipe.generate(
+    shape = pipe.shape_for(cfg.seconds) if cfg.seconds is not None else None
+    x0 = pipe.sample_latents(
         cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, labels=labels, guidance=cfg.guidance,
-        seed=cfg.seed, batch_size=cfg.batch_size,
+        seed=cfg.seed, batch_size=cfg.batch_size, shape=shape,
     )  # fmt: skip
+    media = pipe.codec.decode(x0)
     seconds = time.perf_counter() - start
-    paths = pipe.modality.save(media, cfg.out)
+    paths = pipe.save_media(media, cfg.out)
     print(f"{cfg.n} samples in {seconds:.2f} s ({cfg.solver}, {cfg.steps} steps) -> {', '.join(map(str, paths))}")
     return paths
 

@@ -3,6 +3,7 @@
     scm-mm-train experiment=mnist_teacher
     scm-mm-train experiment=mnist_scd method.teacher=runs/mnist_teacher train.iters=500
     torchrun --nproc_per_node 8 -m scm_mm.app.train experiment=imagenet64_scd_s method.teacher=...
+    scm-mm-train experiment=notes_vocoder          # a method with a `trainer` runs that trainer instead
 
 Everything Hydra-specific stays here: configs become plain objects (datasets, codecs, losses, nets
 built from JSON specs) before the loop sees them.
@@ -22,8 +23,9 @@ from scm_mm.data import training_set
 from scm_mm.modality import get_modality
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_teacher
+from scm_mm.train.checkpoint import read_meta, resolve_checkpoint
 from scm_mm.train.distributed import barrier, init_distributed
-from scm_mm.train.loop import TrainOptions, TrainResult, train
+from scm_mm.train.loop import TrainOptions, train
 
 CONFIG_PATH = "pkg://scm_mm_configs"
 
@@ -45,12 +47,19 @@ def train_options(cfg: DictConfig) -> TrainOptions:
     return TrainOptions(**options)
 
 
-def run(cfg: DictConfig) -> TrainResult:
+def run(cfg: DictConfig) -> Any:
+    """Train what `cfg` describes; returns the loop's TrainResult (or a modality trainer's result)."""
     info = init_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
     modality = get_modality(cfg.modality.name)
-    codec = instantiate(cfg.modality.codec)
     raw = instantiate(cfg.data.dataset)
+    method = cfg.method
+    if method.get("trainer"):  # a modality's own model that is not an sCM (a vocoder): its own loop
+        return instantiate(method.trainer)(dataset=raw, run_dir=run_dir)
+    codec = instantiate(cfg.modality.codec)
+    if not getattr(codec, "fitted", True):  # normalisation measured on the data (mel statistics)
+        source = method.get("teacher") or method.get("init_from")
+        codec = modality.codec_from_state(read_meta(resolve_checkpoint(source))["codec"]) if source else codec.fit(raw)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir.parent / ".cache"
     if not info.is_main:  # rank 0 encodes (and caches) the data first; the others then read the cache
         barrier(info)
@@ -62,7 +71,6 @@ def run(cfg: DictConfig) -> TrainResult:
         raise ValueError(f"data.shape is {list(cfg.data.shape)} but the codec gives samples of shape {sample_shape}")
 
     spec = model_spec(cfg)
-    method = cfg.method
     teacher = None
     if method.get("teacher"):  # sCD: the student starts from the teacher's EMA weights (App. G.2)
         teacher, model = load_teacher(method.teacher, spec, codec.state())

@@ -172,7 +172,9 @@ def test_copy_synthesis_scores():
 
     clips = [note(0.3, seed=0), note(0.41, seed=1)]  # different lengths, not whole hops
     scores = copy_synthesis(Oracle(clips), clips)
-    assert scores == {"mel_l1": 0.0, "mr_stft": 0.0}  # no pesq / pystoi here
+    assert scores["mel_l1"] == 0.0 and scores["mr_stft"] == 0.0
+    if "pesq" in scores:  # the audio-metrics extra is installed: identical clips get PESQ's maximum, ~4.64
+        assert scores["pesq"] > 4.5
     stereo = torch.stack([clips[0], clips[0]])[None]  # (B, channels, samples): channels averaged
     assert copy_synthesis(Oracle(clips), stereo)["mel_l1"] == 0.0
 

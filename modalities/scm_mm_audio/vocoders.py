@@ -1,0 +1,65 @@
+"""One entry point for every vocoder: `load_vocoder(source, spec)`.
+
+A vocoder maps log-mels (B, n_mels, T) in its spec's own log domain to waveforms (B, spec.samples(T))
+and carries that spec as `.spec`. Sources, all local (nothing is downloaded):
+
+    None, "griffin-lim"            Griffin-Lim for `spec` (no weights)
+    an nn.Module                   used as it is
+    <dir>/config.json with "type"  a vocoder trained by scm-mm (vocos.save_vocoder), or a vocoder
+                                   training run whose <run>/vocoder holds one
+    <dir>/config.yaml              an official Vocos checkpoint (charactr/vocos-mel-24khz layout)
+    <dir>/bigvgan_generator.pt     an official BigVGAN checkpoint (with its config.json)
+    <file g_* or generator*>,      an official HiFi-GAN generator (with config.json beside it)
+    or a <dir> holding one
+
+The caller (MelCodec.with_vocoder) refuses a vocoder whose spec differs from the model's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .codec import GriffinLim
+from .gan_vocoders import load_bigvgan, load_hifigan
+from .mel import MelSpec
+from .vocos import load_vocoder_dir, load_vocos
+
+
+def _is_hifigan_generator(path: Path) -> bool:
+    """g_02500000 (training checkpoints) or generator_v1 (the released LJSpeech/VCTK files)."""
+    return path.is_file() and path.name.startswith(("g_", "generator"))
+
+
+def load_vocoder(source: Any, spec: MelSpec | None = None) -> nn.Module:
+    """A vocoder from `source` (see the module docstring); `spec` is needed only for Griffin-Lim."""
+    if isinstance(source, nn.Module):
+        return source
+    if source is None or source == "griffin-lim":
+        if spec is None:
+            raise ValueError("Griffin-Lim needs the mel spec of the model it decodes")
+        return GriffinLim(spec)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no vocoder at {path}")
+    if _is_hifigan_generator(path):
+        return load_hifigan(path)
+    if (path / "vocoder" / "config.json").exists():  # a vocoder training run
+        path = path / "vocoder"
+    config = path / "config.json"
+    if config.exists() and "type" in json.loads(config.read_text()):
+        return load_vocoder_dir(path)
+    if (path / "config.yaml").exists():
+        return load_vocos(path)
+    if (path / "bigvgan_generator.pt").exists():
+        return load_bigvgan(path)
+    if any(_is_hifigan_generator(p) for p in path.iterdir()):
+        return load_hifigan(path)
+    raise ValueError(
+        f"{path} holds no vocoder scm-mm can read: expected a scm-mm vocoder (config.json with 'type'), "
+        "a Vocos folder (config.yaml + pytorch_model.bin), a BigVGAN folder (config.json + "
+        "bigvgan_generator.pt) or a HiFi-GAN generator (g_XXXXXXXX + config.json)"
+    )

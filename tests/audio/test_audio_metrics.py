@@ -1,0 +1,262 @@
+"""Audio metrics: pYIN pitch against tones of known pitch; the offline classifier learns pitch, saves and
+loads exactly; the FAD separates pitch-shifted sets and agrees with the core; the RTF of a known delay."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from scm_mm_audio.mel import mel_spec
+from scm_mm_audio.metrics import (
+    AudioClassifier,
+    classifier_features,
+    estimate_pitch,
+    evaluate_audio,
+    frechet_audio_distance,
+    pitch_accuracy,
+    real_time_factor,
+    train_audio_classifier,
+)
+
+from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+
+SR = 16000
+# harmonic amplitudes by timbre: bright (1/h), hollow (odd harmonics, 1/h), mellow (1/h^2)
+TIMBRES = {
+    "bright": lambda h: 1.0 / h,
+    "hollow": lambda h: (h % 2) / h,
+    "mellow": lambda h: 1.0 / h**2,
+}
+
+
+def tones(midi, timbres=("bright",), seconds=1.0, seed=0, missing_fundamental=False, detune_cents=0.0):
+    """Harmonic tones, one per (pitch, timbre): float32 (len(midi) * len(timbres), 1, samples), and their
+    MIDI pitches. Random phases, attack 5-30 ms, exponential decay, onset 0-50 ms, peak 0.2-0.9;
+    harmonics below 0.45 * SR."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * SR)) / SR
+    waves, pitches = [], []
+    for m in midi:
+        for name in timbres:
+            f0 = 440.0 * 2 ** ((m + rng.uniform(-detune_cents, detune_cents) / 100 - 69) / 12)
+            wave = np.zeros_like(t)
+            for h in range(2 if missing_fundamental else 1, 21):
+                if h * f0 < 0.45 * SR and TIMBRES[name](h) > 0:
+                    wave += TIMBRES[name](h) * np.sin(2 * np.pi * h * f0 * t + rng.uniform(0, 2 * np.pi))
+            onset, attack, decay = rng.uniform(0, 0.05), rng.uniform(0.005, 0.03), rng.uniform(1.0, 4.0)
+            tt = np.clip(t - onset, 0, None)
+            envelope = np.minimum(tt / attack, 1) * np.exp(-decay * tt) * (t >= onset)
+            wave *= envelope
+            waves.append(rng.uniform(0.2, 0.9) * wave / np.abs(wave).max())
+            pitches.append(m)
+    return torch.tensor(np.stack(waves), dtype=torch.float32)[:, None], torch.tensor(pitches, dtype=torch.float64)
+
+
+class Tones(torch.utils.data.Dataset):
+    """Items as the project's datasets give them: (float wave (1, samples), int label)."""
+
+    def __init__(self, waves, labels, sample_rate=SR):
+        self.waves, self.labels, self.sample_rate = waves, labels, sample_rate
+
+    def __len__(self):
+        return len(self.waves)
+
+    def __getitem__(self, i):
+        return self.waves[i], int(self.labels[i])
+
+
+# ------------------------------------------------------------------------------------------ pitch
+
+
+@pytest.mark.parametrize("missing_fundamental", [False, True])
+def test_estimate_pitch_recovers_midi(missing_fundamental):
+    midi = list(range(48, 85, 3)) + [78, 79, 83, 84]  # 78-84 failed at 16 kHz before upsampling
+    waves, target = tones(midi, ("bright", "hollow"), seconds=0.5, seed=1, missing_fundamental=missing_fundamental)
+    estimate = estimate_pitch(waves, SR, fmin=target - 12, fmax=target + 12)
+    assert (estimate - target).abs().max() < 0.1, (estimate - target).tolist()
+
+
+def test_estimate_pitch_full_range_and_off_grid_pitch():
+    waves, target = tones([50.37, 66.62, 81.25], seconds=0.5, seed=2)
+    estimate = estimate_pitch(waves[:, 0], SR)  # MIDI 36-96, (N, samples) input
+    assert (estimate - target).abs().max() <= 0.05 + 1e-9  # half a bin of the 0.1-semitone grid
+
+
+def test_estimate_pitch_unvoiced_noise_and_silence():
+    gen = torch.Generator().manual_seed(0)
+    white = 0.3 * torch.randn(3, SR // 2, generator=gen)
+    brown = torch.cumsum(torch.randn(3, SR // 2, generator=gen), dim=1)
+    brown = 0.3 * (brown - brown.mean(1, keepdim=True)) / brown.abs().amax(1, keepdim=True)
+    silence = torch.zeros(1, SR // 2)
+    estimate = estimate_pitch(torch.cat([white, brown, silence]), SR)
+    assert estimate.isnan().all(), estimate.tolist()
+
+
+def test_pitch_accuracy_counts_detuned_and_noise_as_wrong():
+    midi = [48, 55, 60, 67, 72, 79]
+    good, target = tones(midi, seconds=0.5, seed=3, detune_cents=20)
+    sharp, _ = tones([m + 1 for m in midi], seconds=0.5, seed=4)  # one semitone off the target
+    noise = 0.3 * torch.randn(len(midi), 1, SR // 2, generator=torch.Generator().manual_seed(1))
+    result = pitch_accuracy(good, SR, target)
+    assert result["accuracy"] == 1.0 and result["voiced_fraction"] == 1.0
+    assert result["mean_abs_cents_error"] < 25  # detuned by up to 20 cents, bins of 10 cents
+    result = pitch_accuracy(sharp, SR, target)
+    assert result["accuracy"] == 0.0 and result["voiced_fraction"] == 1.0
+    assert abs(result["mean_abs_cents_error"] - 100) < 10
+    result = pitch_accuracy(noise, SR, target)
+    assert result["accuracy"] == 0.0 and result["voiced_fraction"] == 0.0 and math.isnan(result["mean_abs_cents_error"])
+    mixed = pitch_accuracy(torch.cat([good, sharp, noise]), SR, target.repeat(3))
+    assert mixed["accuracy"] == pytest.approx(1 / 3) and mixed["voiced_fraction"] == pytest.approx(2 / 3)
+    # a 30-cent tolerance: a 20-cent detune still passes
+    assert pitch_accuracy(good, SR, target, tolerance_semitones=0.3)["accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ classifier
+
+PITCHES = list(range(60, 72))  # one chromatic octave: neighbours a semitone apart
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A classifier trained on 12 pitches x 3 timbres (0.5-s tones), and held-out tones."""
+    train, train_midi = tones(PITCHES * 16, tuple(TIMBRES), seconds=0.5, seed=10, detune_cents=10)
+    held, held_midi = tones(PITCHES * 4, tuple(TIMBRES), seconds=0.5, seed=11, detune_cents=10)
+    start = time.perf_counter()
+    model = train_audio_classifier(Tones(train, train_midi - 60), num_classes=12, batch_size=32, max_steps=60)
+    seconds = time.perf_counter() - start
+    return model, held, (held_midi - 60).long(), seconds
+
+
+def test_classifier_learns_pitch(trained):
+    model, held, labels, seconds = trained
+    features, logits = classifier_features(model, held)
+    assert features.shape == (len(held), 128) and logits.shape == (len(held), 12)
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.9, accuracy  # chance is 1/12
+    print(f"held-out accuracy {accuracy:.3f} after 60 steps in {seconds:.1f} s")
+
+
+def test_classifier_round_trips_and_leaves_global_rng(trained, tmp_path):
+    model, held, _, _ = trained
+    model.save(tmp_path / "clf")
+    loaded = AudioClassifier.load(tmp_path / "clf")
+    assert loaded.settings == model.settings and loaded.spec == mel_spec("small_16k")
+    for a, b in zip(classifier_features(loaded, held[:40]), classifier_features(model, held[:40])):
+        assert torch.equal(a, b)
+    # (B, samples) and (B, 1, samples) agree; batching does not change features
+    assert torch.allclose(loaded(held[:8, 0])[0], loaded(held[:8])[0])
+    assert torch.allclose(classifier_features(loaded, held[:40], batch_size=7)[0],
+                          classifier_features(loaded, held[:40])[0], atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        AudioClassifier.load(tmp_path / "nope")
+    # same seed, same classifier; the global RNG is untouched
+    waves, midi = tones(PITCHES, ("bright",), seconds=0.25, seed=12)
+    state = torch.random.get_rng_state()
+    a = train_audio_classifier(Tones(waves, midi - 60), 12, batch_size=4, max_steps=3, augment=True)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = train_audio_classifier(Tones(waves, midi - 60), 12, batch_size=4, max_steps=3, augment=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_classifier_takes_any_length_and_is_level_invariant():
+    model = AudioClassifier(num_classes=3).eval()
+    for samples in (600, 4000, 16000):  # the centred STFT reflect-pads n_fft // 2: more samples than that
+        features, logits = model(torch.randn(2, 1, samples))
+        assert features.shape == (2, 128) and logits.shape == (2, 3)
+    # per-clip standardisation: a 6 dB change moves the log-mel by ln 2 everywhere above the clamp floor
+    # (noise keeps every bin above it), which the standardisation removes
+    noise = 0.3 * torch.randn(2, 8000, generator=torch.Generator().manual_seed(0))
+    assert model.standardised_mel(noise).std() == pytest.approx(1, abs=1e-3)
+    assert torch.allclose(model.standardised_mel(noise), model.standardised_mel(0.5 * noise), atol=1e-4)
+
+
+def test_classifier_refuses_bad_inputs():
+    model = AudioClassifier(num_classes=3)
+    with pytest.raises(ValueError, match="mono"):
+        model(torch.randn(2, 2, 1000))
+    waves, midi = tones([60, 61], seconds=0.25)
+    with pytest.raises(ValueError, match="22050 Hz"):
+        train_audio_classifier(Tones(waves, midi - 60, sample_rate=22050), 2, max_steps=1)
+    with pytest.raises(ValueError, match="unlabelled"):
+        train_audio_classifier(Tones(waves, torch.tensor([-1, -1])), 2, batch_size=2, max_steps=1)
+
+
+# ------------------------------------------------------------------------------------------ FAD
+
+
+def test_fad_separates_pitch_shifted_sets(trained):
+    model, _, _, _ = trained
+    a, _ = tones(PITCHES * 4, tuple(TIMBRES), seconds=0.5, seed=20)
+    b, _ = tones(PITCHES * 4, tuple(TIMBRES), seconds=0.5, seed=21)  # same distribution, other draws
+    shifted, _ = tones([m + 1 for m in PITCHES] * 4, tuple(TIMBRES), seconds=0.5, seed=22)
+    fa, fb, fs = (classifier_features(model, w)[0] for w in (a, b, shifted))
+    self_fad, same, other = (frechet_audio_distance(fa, f) for f in (fa, fb, fs))
+    assert abs(self_fad) < 1e-6 * other
+    assert other > 20 * same, (same, other)  # measured: ~0.07 against 9-20 for seeds 0-2
+    # against the core: FeatureStats in, and the formula of scm_mm.metrics
+    sa, sb = FeatureStats().update(fa), FeatureStats().update(fb)
+    assert frechet_audio_distance(sa, fb) == pytest.approx(frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma))
+
+
+def test_evaluate_audio_agrees_with_core(trained):
+    model, held, _, _ = trained
+    gen, ref = held[:72], held[72:]
+    out = evaluate_audio(gen, ref, model, batch_size=32)
+    (fg, lg), (fr, _) = classifier_features(model, gen), classifier_features(model, ref)
+    assert out["fad"] == pytest.approx(frechet_audio_distance(fg, fr), rel=1e-6)
+    assert (out["is_mean"], out["is_std"]) == pytest.approx(inception_score(lg, splits=10), rel=1e-6)
+    assert (out["precision"], out["recall"]) == pytest.approx(precision_recall(fr, fg, k=3))
+    # cached reference features or stats give the same FAD; batches in an iterable too
+    assert evaluate_audio(gen.split(20), fr, model)["fad"] == pytest.approx(out["fad"], rel=1e-6)
+    stats_only = evaluate_audio(gen, FeatureStats().update(fr), model)
+    assert stats_only["fad"] == pytest.approx(out["fad"], rel=1e-6) and "precision" not in stats_only
+
+
+# ------------------------------------------------------------------------------------------ speed
+
+
+def test_real_time_factor_of_a_known_delay():
+    calls = []
+    result = real_time_factor(lambda: (calls.append(1), time.sleep(0.05)), audio_seconds=2.0, repeats=3, warmup=1)
+    assert len(calls) == 4
+    assert 0.05 <= result["wall_s"] < 0.08 and result["rtf"] == pytest.approx(result["wall_s"] / 2.0)
+
+
+# ------------------------------------------------------------------------------------------ slow
+
+
+@pytest.mark.slow
+def test_classifier_recipe_on_synth_notes():
+    """The number quoted in train_audio_classifier: the full recipe on SynthNotes."""
+    from scm_mm_audio.data import SynthNotes
+
+    train, test = SynthNotes(split="train"), SynthNotes(size=1200, split="test")
+    waves = torch.stack([test[i][0] for i in range(len(test))])
+    labels = torch.tensor([test[i][1] for i in range(len(test))])
+    for seed in (0, 1, 2):
+        start = time.perf_counter()
+        model = train_audio_classifier(train, train.num_classes, seed=seed)
+        seconds = time.perf_counter() - start
+        accuracy = (classifier_features(model, waves)[1].argmax(1) == labels).float().mean().item()
+        print(f"SynthNotes held-out accuracy seed {seed}: {accuracy:.4f} in {seconds:.1f} s")
+        assert accuracy >= 0.97
+
+
+@pytest.mark.slow
+def test_pitch_speed_and_accuracy_on_synth_notes():
+    """The pYIN numbers quoted in estimate_pitch: ms per 1-s clip, and accuracy on SynthNotes."""
+    from scm_mm_audio.data import SynthNotes
+
+    notes = SynthNotes(size=120, split="test")
+    waves = torch.stack([notes[i][0] for i in range(len(notes))])
+    target = torch.tensor([notes.midi_of_label(notes[i][1]) for i in range(len(notes))], dtype=torch.float64)
+    start = time.perf_counter()
+    result = pitch_accuracy(waves, notes.sample_rate, target)
+    per_clip = (time.perf_counter() - start) / len(notes)
+    start = time.perf_counter()
+    estimate_pitch(waves[:24], notes.sample_rate)
+    full = (time.perf_counter() - start) / 24
+    print(f"pitch_accuracy {result}; {1000 * per_clip:.0f} ms per clip (+- 1 octave), "
+          f"{1000 * full:.0f} ms per clip (MIDI 36-96)")
+    assert result["accuracy"] >= 0.95

@@ -1,0 +1,106 @@
+"""The whole audio pipeline through the Hydra apps on a tiny config: vocoder, teacher, sCD, sample, eval.
+
+Also: the student inherits its teacher's mel statistics, AudioSCM's durations and seeds, .wav output,
+a vocoder of another mel spec refused, and the example script end to end.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from hydra import compose, initialize_config_module
+from scm_mm_audio import AudioSCM
+from scm_mm_audio.codec import GriffinLim
+from scm_mm_audio.data import SynthNotes
+from scm_mm_audio.mel import mel_spec
+from scm_mm_audio.metrics import train_audio_classifier
+from scm_mm_audio.vocos import Vocos
+
+from scm_mm.app import evaluate, sample, train
+from scm_mm.train.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
+
+TINY = [
+    "data.dataset.size=48", "train.batch_size=8", "train.progress=false", "train.log_every=1", "device=cpu",
+    "+net.hidden=32", "+net.depth=1", "+net.heads=1",
+]  # fmt: skip
+
+
+def config(name: str, overrides: list[str]):
+    with initialize_config_module("scm_mm_configs", version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio-runs")
+    train.run(config("train", ["experiment=notes_teacher", f"run_dir={root / 'teacher'}", "train.iters=3",
+                               "train.sample_every=3", *TINY]))  # fmt: skip
+    train.run(config("train", ["experiment=notes_scd", f"run_dir={root / 'scd'}", f"method.teacher={root / 'teacher'}",
+                               "train.iters=2", *TINY]))  # fmt: skip
+    vocoder = ["method.trainer.options.iters=3", "method.trainer.options.batch_size=4",
+               "method.trainer.options.progress=false", "+method.trainer.vocoder.dim=32",
+               "+method.trainer.vocoder.intermediate_dim=64", "+method.trainer.vocoder.num_layers=1"]  # fmt: skip
+    train.run(config("train", ["experiment=notes_vocoder", f"run_dir={root / 'vocoder'}", "data.dataset.size=48",
+                               *vocoder]))  # fmt: skip
+    return root
+
+
+def test_runs_write_checkpoints_and_the_student_keeps_the_teachers_mel_statistics(runs):
+    for name, iters in (("teacher", 3), ("scd", 2)):
+        assert [p.name for p in list_checkpoints(runs / name)] == [f"iter-{iters:09d}"]
+        assert (runs / name / "log.jsonl").read_text().count("\n") == iters
+    teacher, student = (read_meta(resolve_checkpoint(runs / n)) for n in ("teacher", "scd"))
+    assert teacher["codec"]["type"] == "mel" and len(teacher["codec"]["mean"]) == 64
+    assert student["codec"] == teacher["codec"]
+    assert (runs / "vocoder" / "vocoder" / "config.json").exists()
+
+
+def test_audio_scm_generates_seeded_clips_of_any_length_and_writes_wavs(runs, tmp_path):
+    model = AudioSCM.load(runs / "scd", vocoder=runs / "vocoder")
+    a, rate = model.generate(3, steps=2, labels=[0, 4, 7], guidance=1.5, seed=3)
+    b, _ = model.generate(3, steps=2, labels=[0, 4, 7], guidance=1.5, seed=3)
+    assert rate == 16000 and a.shape == (3, 1, 31 * 256) and torch.equal(a, b)  # 32 centred frames
+    assert a.abs().max() <= 1
+    long, _ = model.generate(1, seconds=1.3, seed=0)  # 20,800 samples: 84 frames (83 rounded up to the patch)
+    assert long.shape == (1, 1, round(1.3 * 16000))
+    paths = model.save(tmp_path / "notes.wav")
+    assert [p.name for p in paths] == ["notes.wav"]
+    info = sf.info(paths[0])
+    assert (info.samplerate, info.frames, info.subtype) == (16000, round(1.3 * 16000), "PCM_16")
+    griffin, _ = AudioSCM.load(runs / "scd").generate(1, seed=0)  # no vocoder: Griffin-Lim
+    assert griffin.shape == (1, 1, 31 * 256)
+
+
+def test_a_vocoder_of_another_mel_spec_is_refused_naming_the_fields(runs):
+    other = Vocos(mel_spec("small_16k", n_mels=80, fmax=7600.0), dim=16, intermediate_dim=32, num_layers=1)
+    with pytest.raises(ValueError, match=r"(?s)fmax: 8000.0 != 7600.0.*n_mels: 64 != 80"):
+        AudioSCM.load(runs / "scd", vocoder=other)
+    assert isinstance(AudioSCM.load(runs / "scd").codec.vocoder, GriffinLim)
+
+
+def test_sample_and_eval_apps(runs, tmp_path):
+    out = tmp_path / "s" / "clip.wav"
+    paths = sample.run(config("sample", [f"checkpoint={runs / 'scd'}", "n=2", f"out={out}", "guidance=1.2",
+                                         f"vocoder={runs / 'vocoder'}", "seconds=0.7", "device=cpu"]))  # fmt: skip
+    assert [p.name for p in paths] == ["clip-000.wav", "clip-001.wav"]
+    assert sf.info(paths[0]).frames == 45 * 256  # 11,200 samples: 46 frames of 256 (45 rounded up to the patch)
+    classifier = train_audio_classifier(SynthNotes(size=48, seconds=0.496), num_classes=12, batch_size=8, max_steps=3)
+    classifier.save(tmp_path / "classifier")
+    result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=12", "solver=euler", "steps=2",
+                                          "device=cpu", f"classifier_path={tmp_path / 'classifier'}"]))  # fmt: skip
+    assert result["fad"] >= 0 and 0 <= result["pitch_accuracy"] <= 1
+
+
+def test_generate_audio_example_trains_caches_and_reuses(tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "generate_audio.py"
+    cmd = [sys.executable, str(example), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "n.wav"),
+           "--n", "2", "--teacher-iters", "1", "--student-iters", "1", "--vocoder-iters", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    assert sorted(p.name for p in tmp_path.glob("n-*.wav")) == ["n-000.wav", "n-001.wav"]
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)  # reuses: no new iterations
+    assert "resumed from" in again.stdout + again.stderr
