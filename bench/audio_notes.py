@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
+
+from scm_mm.app import train
 from scm_mm_audio import AudioSCM
 from scm_mm_audio.codec import GriffinLim
 from scm_mm_audio.data import SynthNotes
@@ -42,8 +44,6 @@ from scm_mm_audio.metrics import (
 )
 from scm_mm_audio.vocoder_train import copy_synthesis
 from scm_mm_audio.vocoders import load_vocoder
-
-from scm_mm.app import train
 
 SECONDS = 0.496  # configs/data/notes.yaml
 

@@ -32,10 +32,11 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+from torch import nn
+
 from scm_mm_audio.mel import MelSpec, mel_power, mel_spec
 from scm_mm_audio.vocoder_train import VocoderOptions, copy_synthesis, train_vocoder
 from scm_mm_audio.vocos import VOCOS_PRESETS, vocos_preset
-from torch import nn
 
 
 def parse() -> argparse.Namespace:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
-from scm_mm_audio import AudioSCM
 
 from scm_mm.app import train
+from scm_mm_audio import AudioSCM
 
 
 def cache_root() -> Path:

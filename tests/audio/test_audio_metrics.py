@@ -7,6 +7,8 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 from scm_mm_audio.mel import mel_spec
 from scm_mm_audio.metrics import (
     AudioClassifier,
@@ -18,8 +20,6 @@ from scm_mm_audio.metrics import (
     real_time_factor,
     train_audio_classifier,
 )
-
-from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 
 SR = 16000
 # harmonic amplitudes by timbre: bright (1/h), hollow (odd harmonics, 1/h), mellow (1/h^2)
@@ -40,10 +40,10 @@ def tones(midi, timbres=("bright",), seconds=1.0, seed=0, missing_fundamental=Fa
     for m in midi:
         for name in timbres:
             f0 = 440.0 * 2 ** ((m + rng.uniform(-detune_cents, detune_cents) / 100 - 69) / 12)
-            wave = np.zeros_like(t)
-            for h in range(2 if missing_fundamental else 1, 21):
-                if h * f0 < 0.45 * SR and TIMBRES[name](h) > 0:
-                    wave += TIMBRES[name](h) * np.sin(2 * np.pi * h * f0 * t + rng.uniform(0, 2 * np.pi))
+            h = np.arange(2 if missing_fundamental else 1, 21)
+            gains = TIMBRES[name](h) * (h * f0 < 0.45 * SR)  # (H,)
+            phases = rng.uniform(0, 2 * np.pi, len(h))
+            wave = gains @ np.sin(2 * np.pi * f0 * h[:, None] * t + phases[:, None])  # (samples,)
             onset, attack, decay = rng.uniform(0, 0.05), rng.uniform(0.005, 0.03), rng.uniform(1.0, 4.0)
             tt = np.clip(t - onset, 0, None)
             envelope = np.minimum(tt / attack, 1) * np.exp(-decay * tt) * (t >= onset)
@@ -120,10 +120,10 @@ PITCHES = list(range(60, 72))  # one chromatic octave: neighbours a semitone apa
 @pytest.fixture(scope="module")
 def trained():
     """A classifier trained on 12 pitches x 3 timbres (0.5-s tones), and held-out tones."""
-    train, train_midi = tones(PITCHES * 16, tuple(TIMBRES), seconds=0.5, seed=10, detune_cents=10)
+    train, train_midi = tones(PITCHES * 12, tuple(TIMBRES), seconds=0.5, seed=10, detune_cents=10)
     held, held_midi = tones(PITCHES * 4, tuple(TIMBRES), seconds=0.5, seed=11, detune_cents=10)
     start = time.perf_counter()
-    model = train_audio_classifier(Tones(train, train_midi - 60), num_classes=12, batch_size=32, max_steps=60)
+    model = train_audio_classifier(Tones(train, train_midi - 60), num_classes=12, batch_size=32, max_steps=40)
     seconds = time.perf_counter() - start
     return model, held, (held_midi - 60).long(), seconds
 
@@ -134,7 +134,7 @@ def test_classifier_learns_pitch(trained):
     assert features.shape == (len(held), 128) and logits.shape == (len(held), 12)
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.9, accuracy  # chance is 1/12
-    print(f"held-out accuracy {accuracy:.3f} after 60 steps in {seconds:.1f} s")
+    print(f"held-out accuracy {accuracy:.3f} after 40 steps in {seconds:.1f} s")
 
 
 def test_classifier_round_trips_and_leaves_global_rng(trained, tmp_path):
@@ -193,7 +193,7 @@ def test_fad_separates_pitch_shifted_sets(trained):
     fa, fb, fs = (classifier_features(model, w)[0] for w in (a, b, shifted))
     self_fad, same, other = (frechet_audio_distance(fa, f) for f in (fa, fb, fs))
     assert abs(self_fad) < 1e-6 * other
-    assert other > 20 * same, (same, other)  # measured: ~0.07 against 9-20 for seeds 0-2
+    assert other > 20 * same, (same, other)  # measured: ~0.07 against 12-15 (seeds 0-2)
     # against the core: FeatureStats in, and the formula of scm_mm.metrics
     sa, sb = FeatureStats().update(fa), FeatureStats().update(fb)
     assert frechet_audio_distance(sa, fb) == pytest.approx(frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma))
@@ -248,7 +248,7 @@ def test_pitch_speed_and_accuracy_on_synth_notes():
     """The pYIN numbers quoted in estimate_pitch: ms per 1-s clip, and accuracy on SynthNotes."""
     from scm_mm_audio.data import SynthNotes
 
-    notes = SynthNotes(size=120, split="test")
+    notes = SynthNotes(size=240, split="test")
     waves = torch.stack([notes[i][0] for i in range(len(notes))])
     target = torch.tensor([notes.midi_of_label(notes[i][1]) for i in range(len(notes))], dtype=torch.float64)
     start = time.perf_counter()

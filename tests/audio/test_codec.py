@@ -21,9 +21,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from scm_mm_audio.codec import STD_FLOOR_FRACTION, GriffinLim, MelCodec, codec_from_state, istft, stft
 from scm_mm_audio.mel import PRESETS, log_mel, mel_spec, stft_magnitude
-from torch import nn
 
 torch.set_num_threads(1)
 

@@ -11,9 +11,10 @@ import sys
 import librosa
 import numpy as np
 import pytest
-import scm_mm_audio.data as data_module
 import soundfile as sf
 import torch
+
+import scm_mm_audio.data as data_module
 from scm_mm_audio.data import (
     AudioFolder,
     SynthNotes,

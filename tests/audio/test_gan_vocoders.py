@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import signal
+from torch import nn
+from torch.nn.utils import parametrizations
+
 from scm_mm_audio.gan_vocoders import (
     Activation1d,
     BigVGANGenerator,
@@ -34,8 +37,6 @@ from scm_mm_audio.gan_vocoders import (
     weight_norm_state,
 )
 from scm_mm_audio.mel import PRESETS, mel_filters
-from torch import nn
-from torch.nn.utils import parametrizations
 
 MEL_22K = {"sampling_rate": 22050, "n_fft": 1024, "hop_size": 256, "win_size": 1024, "num_mels": 80,
            "fmin": 0, "fmax": 8000}  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
 from scm_mm_audio.io import AudioReadError, fit_length, load_audio, save_wav
 
 torch.set_num_threads(1)

@@ -13,15 +13,15 @@ import pytest
 import soundfile as sf
 import torch
 from hydra import compose, initialize_config_module
+
+from scm_mm.app import evaluate, sample, train
+from scm_mm.train.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
 from scm_mm_audio import AudioSCM
 from scm_mm_audio.codec import GriffinLim
 from scm_mm_audio.data import SynthNotes
 from scm_mm_audio.mel import mel_spec
 from scm_mm_audio.metrics import train_audio_classifier
 from scm_mm_audio.vocos import Vocos
-
-from scm_mm.app import evaluate, sample, train
-from scm_mm.train.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
 
 TINY = [
     "data.dataset.size=48", "train.batch_size=8", "train.progress=false", "train.log_every=1", "device=cpu",

@@ -6,6 +6,7 @@ import librosa
 import numpy as np
 import pytest
 import torch
+
 from scm_mm_audio.mel import PRESETS, log_mel
 from scm_mm_audio.vocoder_train import (
     VocoderOptions,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 import yaml
+
 from scm_mm_audio.mel import PRESETS, log_mel, mel_spec
 from scm_mm_audio.vocos import (
     ISTFT,
