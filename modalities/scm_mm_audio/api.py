@@ -42,15 +42,15 @@ def spectrogram_picture(waves: torch.Tensor, n_fft: int = 256) -> torch.Tensor:
     return gray.expand(3, -1, -1).contiguous()
 
 
-def wav_paths(path: str | Path, n: int) -> list[Path]:
-    """Where `save` writes n clips: `path` itself for one .wav, `stem-000.wav`... for several, or
-    `000000.wav`... inside `path` when it has no .wav suffix (a folder)."""
-    path = Path(path)
-    if path.suffix.lower() != ".wav":
-        return [path / f"{i:06d}.wav" for i in range(n)]
+def audio_paths(path: str | Path, n: int, format: str = "wav") -> list[Path]:
+    """Where `save` writes n clips: `path` itself for one .wav (.flac), `stem-000.wav`... for several,
+    or `000000.wav`... inside `path` when it has another suffix or none (a folder)."""
+    path, suffix = Path(path), f".{format}"
+    if path.suffix.lower() != suffix:
+        return [path / f"{i:06d}{suffix}" for i in range(n)]
     if n == 1:
         return [path]
-    return [path.with_name(f"{path.stem}-{i:03d}.wav") for i in range(n)]
+    return [path.with_name(f"{path.stem}-{i:03d}{suffix}") for i in range(n)]
 
 
 class AudioModality:
@@ -75,12 +75,13 @@ class AudioModality:
         media: torch.Tensor,            # waveforms (B, channels, samples) in [-1, 1]
         path: str | Path,
         sample_rate: int = 16000,
+        format: str = "wav",            # "wav" or "flac"
         subtype: str = "PCM_16",        # soundfile subtype: PCM_16, PCM_24, FLOAT
         normalize: str | None = "peak",  # None, "peak" or "loudness" (io.save_wav)
     ) -> list[Path]:
-        """One .wav per clip (see `wav_paths`)."""
-        return [save_wav(wave, p, sample_rate, subtype=subtype, normalize=normalize)
-                for wave, p in zip(media, wav_paths(path, media.shape[0]), strict=True)]  # fmt: skip
+        """One file per clip (see `audio_paths`)."""
+        return [save_wav(wave, p, sample_rate, subtype=subtype, normalize=normalize, format=format)  # type: ignore[arg-type]
+                for wave, p in zip(media, audio_paths(path, media.shape[0], format), strict=True)]  # fmt: skip
 
     def evaluate(
         self,
@@ -171,11 +172,12 @@ class AudioSCM(SCMPipeline):
         self,
         path: str | Path,
         waves: torch.Tensor | None = None,  # default: the last generated
+        format: str = "wav",                # "wav" or "flac"
         subtype: str = "PCM_16",            # soundfile subtype: PCM_16, PCM_24, FLOAT
-        normalize: str | None = "peak",     # None, "peak" or "loudness"
+        normalize: str | None = "peak",     # None, "peak" (to 0.95) or "loudness" (EBU R128, -23 LUFS)
     ) -> list[Path]:
-        """Write .wav files (see `wav_paths`); returns their paths."""
+        """Write one file per clip (see `audio_paths`); returns their paths."""
         waves = self.last if waves is None else waves
         if waves is None:
             raise ValueError("nothing to save: call generate() first or pass waves")
-        return self.save_media(waves, path, subtype=subtype, normalize=normalize)
+        return self.save_media(waves, path, format=format, subtype=subtype, normalize=normalize)

@@ -232,17 +232,21 @@ def save_wav(
     wave: torch.Tensor | np.ndarray,          # (channels, samples) or (samples,), float
     path: str | os.PathLike,
     sample_rate: int,
-    subtype: str = "PCM_16",                  # soundfile WAV subtype: PCM_16, PCM_24, PCM_32, FLOAT, ...
+    subtype: str = "PCM_16",                  # soundfile subtype: PCM_16, PCM_24, PCM_32, FLOAT (wav), ...
     normalize: Literal["peak", "loudness"] | None = None,
     peak: float = 0.95,                       # "peak": max |x| after scaling
     loudness_lufs: float = -23.0,             # "loudness": integrated loudness target (EBU R128: -23)
+    format: Literal["wav", "flac"] = "wav",   # the container; the path's suffix must agree
 ) -> Path:
-    """Write a .wav file (atomically, creating its folder); returns its path."""
+    """Write a .wav (or .flac) file (atomically, creating its folder); returns its path."""
     path = Path(path)
-    if path.suffix.lower() != ".wav":
-        raise ValueError(f"save_wav writes .wav files; got {path}")
-    if not sf.check_format("WAV", subtype):
-        raise ValueError(f"{subtype!r} is not a WAV subtype soundfile writes; see soundfile.available_subtypes('WAV')")
+    if format not in ("wav", "flac"):
+        raise ValueError(f"format must be 'wav' or 'flac', got {format!r}")
+    if path.suffix.lower() != f".{format}":
+        raise ValueError(f"writing {format} needs a .{format} path; got {path}")
+    if not sf.check_format(format.upper(), subtype):
+        raise ValueError(f"{subtype!r} is not a {format} subtype soundfile writes; "
+                         f"see soundfile.available_subtypes({format.upper()!r})")  # fmt: skip
     x = torch.as_tensor(wave).detach().to("cpu", torch.float64)
     x = x[None] if x.ndim == 1 else x
     if x.ndim != 2:
@@ -260,7 +264,7 @@ def save_wav(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: os.replace is atomic
     try:
-        sf.write(tmp, x.T.numpy(), sample_rate, subtype=subtype, format="WAV")
+        sf.write(tmp, x.T.numpy(), sample_rate, subtype=subtype, format=format.upper())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -31,10 +31,10 @@ import numpy as np
 import safetensors.torch
 import scipy.signal
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from scm_mm.metrics import FeatureStats, frechet_distance
+from scm_mm.metrics.classifier import extract_features, feature_scores, fit_classifier
 
 from .mel import MelSpec, log_mel, mel_spec
 
@@ -121,17 +121,6 @@ class AudioClassifier(nn.Module):
         return model.to(device).eval().requires_grad_(False)
 
 
-def _augment(waves: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tensor:
-    """Random gain (-12..0 dB) and a random time shift of up to max_shift samples, zero-filled; (B, 1, S)."""
-    b, _, s = waves.shape
-    gain = 10 ** (-12 * torch.rand(b, 1, 1, generator=gen) / 20)
-    shifts = torch.randint(-max_shift, max_shift + 1, (b,), generator=gen).tolist()
-    out = torch.zeros_like(waves)
-    for i, d in enumerate(shifts):  # d > 0 delays the clip, d < 0 advances it
-        out[i, :, max(d, 0):s + min(d, 0)] = waves[i, :, max(-d, 0):s - max(d, 0)]
-    return out * gain.to(waves)
-
-
 def train_audio_classifier(
     dataset: torch.utils.data.Dataset,   # items (float wave (1, samples), int label in [0, num_classes))
     num_classes: int,                    # classes of the labels
@@ -142,7 +131,6 @@ def train_audio_classifier(
     device: str | torch.device = "cpu",
     max_steps: int | None = None,        # stop early after this many steps (tests)
     log_every: int = 0,                  # print the loss every so many steps; 0: silent
-    augment: bool = False,               # random gain and time shift (up to 5% of the clip); see below
     **settings: Any,                     # AudioClassifier settings (spec, width, stages, feature_dim)
 ) -> AudioClassifier:
     """Train an `AudioClassifier` with cross-entropy; returns it in eval mode without gradients.
@@ -157,62 +145,29 @@ def train_audio_classifier(
 
         OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/audio/test_audio_metrics.py -m slow -s
 
-    Augmentation (random gain -12..0 dB, shift up to 5% of the clip) made no measurable difference:
-    100.0% with and without, at the same speed, on all three label sets; SynthNotes' train and test
-    notes come from one distribution and the task is saturated. It stays off by default. Random gain is
-    nearly a no-op anyway: the per-clip standardisation removes the level, leaving only how much of the
-    mel reaches the clamp floor. The fast test trains 40 steps of 32 on 12 pitches x 3 timbres of its
-    own 0.5-s tones (100% held out, ~2 s).
+    Augmentation (random gain -12..0 dB, time shift up to 5% of the clip) was tried and made no measurable
+    difference (100.0% with and without, on all three label sets: the task is saturated), so there is none.
+    The fast test trains 40 steps of 32 on 12 pitches x 3 timbres of its own 0.5-s tones (100% held out, ~2 s).
     """
-    wave, _ = dataset[0]
     spec = mel_spec(settings.pop("spec", "small_16k"))
     rate = getattr(dataset, "sample_rate", None)
     if rate is not None and rate != spec.sample_rate:
         raise ValueError(f"the dataset is at {rate} Hz but the classifier's mel spec at {spec.sample_rate} Hz: "
                          f"pass spec=mel_spec('small_16k', sample_rate={rate}) or resample the data")
-    gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AudioClassifier(spec=spec, num_classes=num_classes, **settings).to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
-    steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    max_shift = wave.shape[-1] // 20
-    model.train()
-    step, start = 0, time.perf_counter()
-    while step < steps:
-        for waves, labels in loader:
-            labels = torch.as_tensor(labels)
-            if labels.min() < 0 or labels.max() >= num_classes:
-                raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}; "
-                                 "an unlabelled dataset (label -1) cannot train the classifier")
-            if augment:
-                waves = _augment(waves, gen, max_shift)
-            _, logits = model(waves.to(device))
-            loss = F.cross_entropy(logits, labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if log_every and step % log_every == 0:
-                print(f"classifier step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - start:.1f} s")
-            if step == steps:
-                break
-    return model.eval().requires_grad_(False)
+        model = AudioClassifier(spec=spec, num_classes=num_classes, **settings)
+    fit_classifier(model, dataset, num_classes, epochs, batch_size, lr, seed, device, max_steps, log_every)
+    return model
 
 
-@torch.no_grad()
 def classifier_features(
     classifier: AudioClassifier,
     waves: torch.Tensor | Iterable[torch.Tensor],  # (N, samples) or (N, 1, samples), or an iterable of batches
     batch_size: int = 64,                          # clips per forward pass, when given one tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, feature_dim), logits (N, num_classes)), float32 on the CPU."""
-    batches = waves.split(batch_size) if isinstance(waves, torch.Tensor) else waves
-    outputs = [tuple(o.float().cpu() for o in classifier(b)) for b in batches]
-    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+    return extract_features(classifier, waves, batch_size)
 
 
 def frechet_audio_distance(
@@ -239,18 +194,11 @@ def evaluate_audio(
     gives features (waves or features, not FeatureStats alone). A 2-D reference of width
     classifier.feature_dim is read as features; waves that short (8 ms) are not audio worth scoring."""
     features, logits = classifier_features(classifier, waves, batch_size)
-    ref_features = None
-    if isinstance(reference, FeatureStats):
-        ref_stats = reference
-    else:
+    if not isinstance(reference, FeatureStats):
         is_features = reference.ndim == 2 and reference.shape[1] == classifier.feature_dim
-        ref_features = reference.float() if is_features else classifier_features(classifier, reference, batch_size)[0]
-        ref_stats = FeatureStats().update(ref_features)
-    is_mean, is_std = inception_score(logits, splits=splits)
-    out = {"fad": frechet_audio_distance(features, ref_stats), "is_mean": is_mean, "is_std": is_std}
-    if ref_features is not None:
-        out["precision"], out["recall"] = precision_recall(ref_features, features, k=k, real_radii=reference_radii)
-    return out
+        reference = reference.float() if is_features else classifier_features(classifier, reference, batch_size)[0]
+    scores = feature_scores(features, logits, reference, splits=splits, k=k, reference_radii=reference_radii)
+    return {"fad": scores.pop("frechet"), **scores}
 
 
 # ------------------------------------------------------------------------------------------ pitch

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,7 +35,8 @@ from torchvision.models.inception import (
     InceptionE,
 )
 
-from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from scm_mm.metrics import FeatureStats
+from scm_mm.metrics.classifier import extract_features, feature_scores, fit_classifier
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -209,42 +209,12 @@ def train_classifier(
     image, _ = dataset[0]
     settings.setdefault("in_channels", image.shape[0])
     settings.setdefault("image_size", image.shape[-1])
-    gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ClassifierFeatures(**settings).to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
-    steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    model.train()
-    step, start = 0, time.perf_counter()
-    while step < steps:
-        for images, labels in loader:
-            _, logits = model(images.to(device))
-            loss = F.cross_entropy(logits, torch.as_tensor(labels, device=device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if log_every and step % log_every == 0:
-                print(f"classifier step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - start:.1f} s")
-            if step == steps:
-                break
-    return model.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def extract_features(
-    extractor: nn.Module,                           # InceptionFeatures, ClassifierFeatures, ...
-    images: torch.Tensor | Iterable[torch.Tensor],  # uint8 (N, C, H, W), or an iterable of such batches
-    batch_size: int = 100,                          # images per forward pass, when given one tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D), logits (N, K)), float32 on the CPU."""
-    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
-    outputs = [tuple(o.float().cpu() for o in extractor(b)) for b in batches]
-    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+        model = ClassifierFeatures(**settings)
+    fit_classifier(model, dataset, model.settings["num_classes"], epochs, batch_size, lr, seed, device, max_steps,
+                   log_every)  # fmt: skip
+    return model
 
 
 def classifier_features(
@@ -267,17 +237,7 @@ def evaluate_images(
     """{"fid", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the reference
     gives features (images or features, not FeatureStats alone)."""
     features, logits = extract_features(extractor, images, batch_size)
-    ref_features = None
-    if isinstance(reference, FeatureStats):
-        ref_stats = reference
-    else:
-        ref_features = reference if reference.dtype.is_floating_point else \
-            extract_features(extractor, reference, batch_size)[0]
-        ref_stats = FeatureStats().update(ref_features)
-    stats = FeatureStats().update(features)
-    is_mean, is_std = inception_score(logits, splits=splits)
-    out = {"fid": frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
-           "is_mean": is_mean, "is_std": is_std}
-    if ref_features is not None:
-        out["precision"], out["recall"] = precision_recall(ref_features, features, k=k, real_radii=reference_radii)
-    return out
+    if not isinstance(reference, FeatureStats) and not reference.dtype.is_floating_point:
+        reference = extract_features(extractor, reference, batch_size)[0]
+    scores = feature_scores(features, logits, reference, splits=splits, k=k, reference_radii=reference_radii)
+    return {"fid": scores.pop("frechet"), **scores}

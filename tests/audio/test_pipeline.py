@@ -71,6 +71,8 @@ def test_audio_scm_generates_seeded_clips_of_any_length_and_writes_wavs(runs, tm
     assert [p.name for p in paths] == ["notes.wav"]
     info = sf.info(paths[0])
     assert (info.samplerate, info.frames, info.subtype) == (16000, round(1.3 * 16000), "PCM_16")
+    flac = model.save(tmp_path / "flacs", format="flac", normalize="loudness")
+    assert [p.name for p in flac] == ["000000.flac"] and sf.info(flac[0]).format == "FLAC"
     griffin, _ = AudioSCM.load(runs / "scd").generate(1, seed=0)  # no vocoder: Griffin-Lim
     assert griffin.shape == (1, 1, 31 * 256)
 

@@ -1,0 +1,95 @@
+"""The offline recipe of the SC09 benchmark (WaveGAN, DiffWave), shared by the modalities: a small
+classifier trained on the dataset itself, whose penultimate layer gives the features of a Frechet
+distance and whose logits give the Inception Score.
+
+A modality supplies the network, an nn.Module mapping a batch of media to (features (B, D), logits
+(B, K)); these functions train it, run it, and score features. Numbers are comparable only between
+runs that use the same classifier file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .frechet import FeatureStats, frechet_distance
+from .inception_score import inception_score
+from .precision_recall import precision_recall
+
+
+def fit_classifier(
+    model: nn.Module,                    # media (B, ...) -> (features (B, D), logits (B, num_classes))
+    dataset: torch.utils.data.Dataset,   # items (media, int label in [0, num_classes))
+    num_classes: int,
+    epochs: int,                         # passes over the dataset
+    batch_size: int = 64,
+    lr: float = 3e-3,                    # peak AdamW learning rate of a one-cycle schedule
+    seed: int = 0,                       # shuffling; the global RNG is left untouched
+    device: str | torch.device = "cpu",
+    max_steps: int | None = None,        # stop early after this many steps (tests)
+    log_every: int = 0,                  # print the loss every so many steps; 0: silent
+) -> nn.Module:
+    """Train `model` with cross-entropy; returns it in eval mode without gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
+    steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+    if steps < 1:
+        raise ValueError(f"{len(dataset)} items make no full batch of {batch_size}")  # type: ignore[arg-type]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    model.to(device).train()
+    step, start = 0, time.perf_counter()
+    while step < steps:
+        for media, labels in loader:
+            labels = torch.as_tensor(labels)
+            if labels.min() < 0 or labels.max() >= num_classes:
+                raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}; "
+                                 "an unlabelled dataset (label -1) cannot train the classifier")  # fmt: skip
+            _, logits = model(media.to(device))
+            loss = F.cross_entropy(logits, labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if log_every and step % log_every == 0:
+                print(f"classifier step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - start:.1f} s")
+            if step == steps:
+                break
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: nn.Module,                           # media (B, ...) -> (features (B, D), logits (B, K))
+    media: torch.Tensor | Iterable[torch.Tensor],   # (N, ...), or an iterable of batches
+    batch_size: int = 100,                          # items per forward pass, when given one tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D), logits (N, K)), float32 on the CPU."""
+    batches = media.split(batch_size) if isinstance(media, torch.Tensor) else media
+    outputs = [tuple(o.float().cpu() for o in extractor(b)) for b in batches]
+    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+
+def feature_scores(
+    features: torch.Tensor,                      # (N, D) of the generated samples
+    logits: torch.Tensor,                        # (N, K) of the generated samples
+    reference: torch.Tensor | FeatureStats,      # (M, D) reference features, or their FeatureStats
+    splits: int = 10,                            # IS splits
+    k: int = 3,                                  # neighbour rank of precision / recall
+    reference_radii: torch.Tensor | None = None,  # (M,) cached knn_radii of the reference features
+) -> dict[str, float]:
+    """{"frechet", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the
+    reference is given as features (not FeatureStats alone)."""
+    ref_stats = reference if isinstance(reference, FeatureStats) else FeatureStats().update(reference)
+    stats = FeatureStats().update(features)
+    is_mean, is_std = inception_score(logits, splits=splits)
+    out = {"frechet": frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
+           "is_mean": is_mean, "is_std": is_std}  # fmt: skip
+    if not isinstance(reference, FeatureStats):
+        out["precision"], out["recall"] = precision_recall(reference, features, k=k, real_radii=reference_radii)
+    return out
