@@ -55,6 +55,8 @@ def run(cfg: DictConfig) -> Any:
     raw = instantiate(cfg.data.dataset)
     method = cfg.method
     if method.get("trainer"):  # a modality's own model that is not an sCM (a vocoder): its own loop
+        if info.enabled:
+            raise ValueError(f"method {method.name!r} trains on one process; launch it without torchrun")
         return instantiate(method.trainer)(dataset=raw, run_dir=run_dir)
     codec = instantiate(cfg.modality.codec)
     if not getattr(codec, "fitted", True):  # normalisation measured on the data (mel statistics)

@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from scm_mm.app import evaluate, sample, train
+from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
 from scm_mm_audio import AudioSCM
 from scm_mm_audio.codec import GriffinLim
@@ -73,6 +74,7 @@ def test_audio_scm_generates_seeded_clips_of_any_length_and_writes_wavs(runs, tm
     assert (info.samplerate, info.frames, info.subtype) == (16000, round(1.3 * 16000), "PCM_16")
     flac = model.save(tmp_path / "flacs", format="flac", normalize="loudness")
     assert [p.name for p in flac] == ["000000.flac"] and sf.info(flac[0]).format == "FLAC"
+    assert type(SCMPipeline.load(runs / "scd")) is AudioSCM  # the core loader returns the modality's API
     griffin, _ = AudioSCM.load(runs / "scd").generate(1, seed=0)  # no vocoder: Griffin-Lim
     assert griffin.shape == (1, 1, 31 * 256)
 
