@@ -44,6 +44,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--teacher-iters", type=int, default=3000)
     p.add_argument("--student-iters", type=int, default=800)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--student-lr", type=float, default=1e-4)
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     return p.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
     times = {"teacher_train_s": time.perf_counter() - t0}
 
     # 2. Students from the teacher's EMA: sCD (with the teacher) and sCT (data only).
-    student_opts = TrainOptions(iters=args.student_iters, lr=3e-4, ema_sigma_rels=(0.1,), **common)
+    student_opts = TrainOptions(iters=args.student_iters, lr=args.student_lr, ema_sigma_rels=(0.1,), **common)
     for name in ("scd", "sct"):
         teacher, student = load_teacher(out / "teacher", student_spec if name == "scd" else spec)
         objective = SCMLoss(P_mean=-1.0, P_std=1.4, warmup_iters=200, guidance_range=(1.0, 2.0))

@@ -1,6 +1,6 @@
 """Generate pitched notes with a 2-step sCD model and a neural vocoder, and write .wav files; offline, on a CPU.
 
-    python examples/generate_audio.py                       # train once (at most about 20 minutes), then reuse
+    python examples/generate_audio.py                       # train once (9 minutes on 2 cores), then reuse
     python examples/generate_audio.py --checkpoint runs/notes_scd --vocoder runs/notes_vocoder --out notes.wav
 
 Without --checkpoint, it trains the library's recipe (configs/experiment/notes_teacher.yaml, notes_scd.yaml and

@@ -18,7 +18,7 @@ Clip length: the default 1.008 s at 16 kHz is 16128 samples, i.e. 63 hops of 256
 of the small_16k mel spec (scm_mm_audio.mel) turns this into 1 + 63 = 64 frames, which is divisible by 16,
 so a U-Net can halve the time axis four times. A 1.024 s clip (16384 samples) would give 65 frames.
 At other rates or specs choose seconds = spec.samples(T) / sample_rate for such a T; e.g. for
-hifigan_22k (uncentred frames) 64 frames are 16384 samples = 0.743 s at 22.05 kHz.
+hifigan_22k (uncentred frames) 64 frames are 16384 samples: seconds=0.74304 at 22.05 kHz (rounds to 16384).
 """
 
 from __future__ import annotations
