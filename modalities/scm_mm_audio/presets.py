@@ -14,10 +14,15 @@ generates clips of any length (AudioSCM.generate(seconds=...)).
 A checkpoint stores the net as {"_target_": "scm_mm_audio.presets.build_mel_net", "name": ..., **overrides}
 (scm_mm.train.checkpoint.build_from_spec), so a preset is data, as in scm_mm_image.presets.
 
-    preset         family  for                                      params (64 bins, 12 classes)
-    notes-dit      DiT     the embedded notes on a CPU (small_16k)  see tests/audio/test_presets.py
-    mel-dit-s/m/l  DiT     speech/music mels (80 or 100 bins), GPU
-    mel-unet-s/m   U-Net   the same, as 2-D images, GPU
+    preset      family  for                                        params (M), 12 classes
+    notes-dit   DiT     the embedded notes on a CPU (small_16k)      1.30 (64 bins)
+    mel-dit-s   DiT     speech/music mels (80 or 100 bins), GPU     32.59 (80 bins)
+    mel-dit-m   DiT                                                 76.71 (80 bins)
+    mel-dit-l   DiT                                                257.19 (80 bins)
+    mel-unet-s  U-Net   the same mels as one-channel images, GPU    23.03
+    mel-unet-m  U-Net                                              121.04
+
+Counted on the meta device; tests/audio/test_presets.py checks them.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # 32 tokens of 2 frames for a 64-frame clip. On one CPU thread, forward + backward at batch 64
-    # over 64 bins x 32 frames takes about 0.2 s (bench/audio_notes.py measures the whole recipe).
+    # 16 tokens of 2 frames for the notes' 32 frames; the teacher trains at about 9 iterations/s at
+    # batch 64 on 2 CPU cores (bench/audio_notes.py, docs/benchmarks.md section 6).
     "notes-dit": {"family": "dit", "patch": 2, "hidden": 128, "depth": 4, "heads": 2},
     "mel-dit-s": {"family": "dit", "patch": 2, "hidden": 384, "depth": 12, "heads": 6},
     "mel-dit-m": {"family": "dit", "patch": 2, "hidden": 512, "depth": 16, "heads": 8},
@@ -61,7 +66,7 @@ def build_mel_net(
     if family == "dit":
         kwargs = {"patch_size": (preset.pop("patch"),), **preset, **common, **overrides}
         return DiT(in_channels, **kwargs)
-    return UNet(in_channels, dims=2, **preset, **common, **overrides)
+    return UNet(in_channels, dims=2, **{**preset, **common, **overrides})
 
 
 def frame_multiple(net: nn.Module) -> int:
