@@ -12,7 +12,6 @@ cut to the requested length.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from scm_mm.metrics.classifier import cached_classifier
 from scm_mm.pipeline import SCMPipeline
 
 from .codec import MelCodec, codec_from_state
@@ -109,22 +109,10 @@ class AudioModality:
 
     @staticmethod
     def _classifier(reference: Dataset, path: str | None, cache_dir: str | Path | None) -> AudioClassifier:
-        if path is not None:
-            return AudioClassifier.load(path)
-        fingerprint = str(getattr(reference, "fingerprint", ""))
-        folder = None
-        if cache_dir is not None and fingerprint:
-            key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-            folder = Path(cache_dir) / f"audio-classifier-{key}"
-            if (folder / "model.safetensors").exists():
-                return AudioClassifier.load(folder)
-        num_classes = int(getattr(reference, "num_classes", 0))
-        if num_classes < 2:
-            raise ValueError("the offline Frechet distance needs a labelled dataset to train its classifier")
-        classifier = train_audio_classifier(reference, num_classes=num_classes)
-        if folder is not None:
-            classifier.save(folder)
-        return classifier
+        def train(data: Dataset, num_classes: int) -> AudioClassifier:
+            return train_audio_classifier(data, num_classes=num_classes)
+
+        return cached_classifier(reference, path, cache_dir, AudioClassifier.load, train, name="audio-classifier")
 
 
 class AudioSCM(SCMPipeline):

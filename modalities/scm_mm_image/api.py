@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid
 
+from scm_mm.metrics.classifier import cached_classifier
 from scm_mm.pipeline import SCMPipeline
 
 from .codecs import PixelCodec, SDVAECodec, codec_from_state
@@ -97,21 +97,10 @@ class ImageModality:
 
     @staticmethod
     def _classifier(reference: Dataset, path: str | None, cache_dir: str | Path | None) -> ClassifierFeatures:
-        if path is not None:
-            return ClassifierFeatures.load(path)
-        fingerprint = str(getattr(reference, "fingerprint", ""))
-        folder = None
-        if cache_dir is not None and fingerprint:
-            key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-            folder = Path(cache_dir) / f"classifier-{key}"
-            if (folder / "model.safetensors").exists():
-                return ClassifierFeatures.load(folder)
-        if getattr(reference, "num_classes", 0) < 2:
-            raise ValueError("the offline FID needs a labelled dataset to train its classifier; use features=inception")
-        classifier = train_classifier(reference, num_classes=reference.num_classes)  # type: ignore[attr-defined]
-        if folder is not None:
-            classifier.save(folder)
-        return classifier
+        def train(data: Dataset, num_classes: int) -> ClassifierFeatures:
+            return train_classifier(data, num_classes=num_classes)
+
+        return cached_classifier(reference, path, cache_dir, ClassifierFeatures.load, train)
 
 
 class ImageSCM(SCMPipeline):

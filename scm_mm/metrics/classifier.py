@@ -9,8 +9,11 @@ runs that use the same classifier file.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,36 @@ from torch import nn
 from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
 from .precision_recall import precision_recall
+
+Classifier = TypeVar("Classifier", bound=nn.Module)
+
+
+def cached_classifier(
+    reference: Any,                             # the labelled dataset (num_classes, fingerprint)
+    path: str | Path | None,                    # a saved classifier to use as it is
+    cache_dir: str | Path | None,               # where one trained here is kept, by the data's fingerprint
+    load: Callable[[str | Path], Classifier],   # folder -> classifier
+    train: Callable[[Any, int], Classifier],    # (reference, num_classes) -> classifier with .save(folder)
+    name: str = "classifier",                   # the cache folder's prefix
+) -> Classifier:
+    """The feature network of the offline metrics: loaded from `path`, from the cache, or trained once on
+    `reference` and cached (a dataset without a `fingerprint` is never cached)."""
+    if path is not None:
+        return load(path)
+    fingerprint = str(getattr(reference, "fingerprint", ""))
+    folder = None
+    if cache_dir is not None and fingerprint:
+        folder = Path(cache_dir) / f"{name}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+        if (folder / "model.safetensors").exists():
+            return load(folder)
+    num_classes = int(getattr(reference, "num_classes", 0))
+    if num_classes < 2:
+        raise ValueError(f"the offline metrics train their classifier on labelled data; {type(reference).__name__} "
+                         f"has {num_classes} classes (pass the path of a trained classifier instead)")  # fmt: skip
+    classifier = train(reference, num_classes)
+    if folder is not None:
+        classifier.save(folder)  # type: ignore[operator]  # nn.Module attributes type as Tensor | Module
+    return classifier
 
 
 def fit_classifier(
