@@ -21,13 +21,14 @@ from omegaconf import DictConfig
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.checkpoint import resolve_checkpoint
 
-from .sample import codec_overrides, pick_device
+from .sample import check_modality, codec_overrides, pick_device
 from .train import CONFIG_PATH
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_checkpoint(cfg.checkpoint)
     pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=pick_device(cfg.device), **codec_overrides(cfg))
+    check_modality(cfg, pipe)
     data_cfg = pipe.meta.get("config", {}).get("data", {}).get("dataset")
     if data_cfg is None:
         raise ValueError(f"{ckpt}: the checkpoint records no dataset to compare against")

@@ -32,9 +32,18 @@ def codec_overrides(cfg: DictConfig) -> dict[str, Any]:
     return overrides
 
 
+def check_modality(cfg: DictConfig, pipe: SCMPipeline) -> None:
+    """With modality=<name> on the command line, refuse a checkpoint of another modality."""
+    wanted = cfg.get("modality")
+    if wanted is not None and wanted.name != pipe.modality.name:
+        raise ValueError(f"modality={wanted.name} was asked for, but {cfg.checkpoint} holds a model of modality "
+                         f"{pipe.modality.name!r}")  # fmt: skip
+
+
 def run(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     pipe = SCMPipeline.load(cfg.checkpoint, which=cfg.weights, device=device, **codec_overrides(cfg))
+    check_modality(cfg, pipe)
     labels = cast(list[int], OmegaConf.to_container(cfg.labels)) if cfg.labels is not None else None
     start = time.perf_counter()
     shape = pipe.shape_for(cfg.seconds) if cfg.seconds is not None else None

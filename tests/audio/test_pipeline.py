@@ -88,8 +88,11 @@ def test_a_vocoder_of_another_mel_spec_is_refused_naming_the_fields(runs):
 
 def test_sample_and_eval_apps(runs, tmp_path):
     out = tmp_path / "s" / "clip.wav"
-    paths = sample.run(config("sample", [f"checkpoint={runs / 'scd'}", "n=2", f"out={out}", "guidance=1.2",
-                                         f"vocoder={runs / 'vocoder'}", "seconds=0.7", "device=cpu"]))  # fmt: skip
+    with pytest.raises(ValueError, match="modality=image was asked for"):
+        sample.run(config("sample", [f"checkpoint={runs / 'scd'}", "modality=image", f"out={out}", "device=cpu"]))
+    paths = sample.run(config("sample", [f"checkpoint={runs / 'scd'}", "modality=audio", "n=2", f"out={out}",
+                                         "guidance=1.2", f"vocoder={runs / 'vocoder'}", "seconds=0.7",
+                                         "device=cpu"]))  # fmt: skip
     assert [p.name for p in paths] == ["clip-000.wav", "clip-001.wav"]
     assert sf.info(paths[0]).frames == 45 * 256  # 11,200 samples: 46 frames of 256 (45 rounded up to the patch)
     classifier = train_audio_classifier(SynthNotes(size=48, seconds=0.496), num_classes=12, batch_size=8, max_steps=3)
