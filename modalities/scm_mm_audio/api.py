@@ -146,11 +146,12 @@ class AudioSCM(SCMPipeline):
         vocoder: Any = None,            # a vocoder module or local path for this call; None: the codec's
         **kwargs: Any,                  # method="heun" for a teacher, t_mid, batch_size
     ) -> tuple[torch.Tensor, int]:
-        """n clips: (waveforms (n, channels, samples) in [-1, 1], sample rate)."""
+        """n clips: (waveforms (n, channels, samples) in [-1, 1], on the CPU; sample rate)."""
         shape = self.shape_for(seconds) if seconds is not None else None
         x0 = self.sample_latents(n, steps=steps, labels=labels, guidance=guidance, seed=seed, shape=shape, **kwargs)
         codec = self.codec if vocoder is None else self.codec.with_vocoder(load_vocoder(vocoder, self.codec.spec))
-        waves = codec.decode(x0.cpu().float())
+        codec.vocoder.to(self.device)  # vocode where the model runs (a GPU), not on the CPU
+        waves = codec.decode(x0.float()).cpu()
         if seconds is not None:
             waves = waves[..., : round(seconds * self.sample_rate)]
         self.last = waves

@@ -42,10 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm_mm.train.checkpoint import load_into
+from scm_mm.train.checkpoint import load_into, writing_directory
 
 from .mel import MelSpec, check_specs, mel_spec
-from .vocos import writing_directory
 
 LRELU_SLOPE = 0.1  # hifi-gan models.py; the last LeakyReLU before conv_post keeps torch's default 0.01
 SNAKE_EPS = 1e-9  # activations.py: 1 / (alpha + eps)
@@ -202,7 +201,41 @@ def _upsampler(channels: int, i: int, rate: int, kernel: int) -> nn.ConvTranspos
     return nn.ConvTranspose1d(channels // 2**i, channels // 2 ** (i + 1), kernel, rate, padding=(kernel - rate) // 2)
 
 
-class HiFiGANGenerator(nn.Module):
+class _GANGenerator(nn.Module):
+    """What the HiFi-GAN and BigVGAN generators share: the mels they invert (`spec`), the config.json
+    fields that rebuild them (`arch`) and the check of their input."""
+
+    spec: MelSpec
+    arch: dict[str, Any]
+
+    def hparams(self) -> dict[str, Any]:
+        """The config.json fields that rebuild this generator (`from_hparams`) and its mels."""
+        return {**self.arch, **hparams_from_spec(self.spec)}
+
+    def _check(self, logmel: torch.Tensor) -> None:
+        if logmel.ndim != 3 or logmel.shape[1] != self.spec.n_mels:
+            raise ValueError(f"expected log-mels (B, {self.spec.n_mels}, T), got {tuple(logmel.shape)}")
+
+
+def _arch(
+    resblock: str,
+    upsample_rates: Sequence[int],
+    upsample_kernel_sizes: Sequence[int],
+    upsample_initial_channel: int,
+    resblock_kernel_sizes: Sequence[int],
+    resblock_dilation_sizes: Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """The architecture fields both generators' config.json files share, as plain JSON values."""
+    return {
+        "resblock": resblock, "upsample_rates": [int(u) for u in upsample_rates],
+        "upsample_kernel_sizes": [int(k) for k in upsample_kernel_sizes],
+        "upsample_initial_channel": int(upsample_initial_channel),
+        "resblock_kernel_sizes": [int(k) for k in resblock_kernel_sizes],
+        "resblock_dilation_sizes": [[int(d) for d in ds] for ds in resblock_dilation_sizes],
+    }  # fmt: skip
+
+
+class HiFiGANGenerator(_GANGenerator):
     """The HiFi-GAN generator as a vocoder: forward(logmel (B, n_mels, T)) -> wave (B, spec.samples(T)).
 
     Defaults are config_v1.json; V2 has upsample_initial_channel=128; V3 resblock="2",
@@ -235,13 +268,8 @@ class HiFiGANGenerator(nn.Module):
                 f"got resblock_kernel_sizes {list(resblock_kernel_sizes)}, "
                 f"resblock_dilation_sizes {resblock_dilation_sizes}"
             )
-        self.arch: dict[str, Any] = {
-            "resblock": resblock, "upsample_rates": [int(u) for u in upsample_rates],
-            "upsample_kernel_sizes": [int(k) for k in upsample_kernel_sizes],
-            "upsample_initial_channel": int(upsample_initial_channel),
-            "resblock_kernel_sizes": [int(k) for k in resblock_kernel_sizes],
-            "resblock_dilation_sizes": [[int(d) for d in ds] for ds in resblock_dilation_sizes],
-        }  # fmt: skip
+        self.arch = _arch(resblock, upsample_rates, upsample_kernel_sizes, upsample_initial_channel,
+                          resblock_kernel_sizes, resblock_dilation_sizes)  # fmt: skip
         block = ResBlock1 if resblock == "1" else ResBlock2
         c = upsample_initial_channel
         self.num_kernels = len(resblock_kernel_sizes)
@@ -266,13 +294,8 @@ class HiFiGANGenerator(nn.Module):
         _require(h, HIFIGAN_FIELDS, where)
         return cls(spec_from_hparams(h, where), **{name: h[name] for name in HIFIGAN_FIELDS})
 
-    def hparams(self) -> dict[str, Any]:
-        """The config.json fields that rebuild this generator (`from_hparams`) and its mels."""
-        return {**self.arch, **hparams_from_spec(self.spec)}
-
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
-        if logmel.ndim != 3 or logmel.shape[1] != self.spec.n_mels:
-            raise ValueError(f"expected log-mels (B, {self.spec.n_mels}, T), got {tuple(logmel.shape)}")
+        self._check(logmel)
         x = self.conv_pre(logmel)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, LRELU_SLOPE))
@@ -439,7 +462,7 @@ class AMPBlock2(nn.Module):
         return x
 
 
-class BigVGANGenerator(nn.Module):
+class BigVGANGenerator(_GANGenerator):
     """The BigVGAN (v1 and v2) generator as a vocoder: forward(logmel (B, n_mels, T)) -> (B, spec.samples(T)).
 
     Defaults are bigvgan_v2_22khz_80band_fmax8k_256x (whose mels are PRESETS["hifigan_22k"]), 112M
@@ -472,12 +495,9 @@ class BigVGANGenerator(nn.Module):
         if len(resblock_kernel_sizes) != len(resblock_dilation_sizes):
             raise ValueError(f"resblock_kernel_sizes {list(resblock_kernel_sizes)} and resblock_dilation_sizes "
                              f"{resblock_dilation_sizes} differ in length")  # fmt: skip
-        self.arch: dict[str, Any] = {
-            "resblock": resblock, "upsample_rates": [int(u) for u in upsample_rates],
-            "upsample_kernel_sizes": [int(k) for k in upsample_kernel_sizes],
-            "upsample_initial_channel": int(upsample_initial_channel),
-            "resblock_kernel_sizes": [int(k) for k in resblock_kernel_sizes],
-            "resblock_dilation_sizes": [[int(d) for d in ds] for ds in resblock_dilation_sizes],
+        self.arch = {
+            **_arch(resblock, upsample_rates, upsample_kernel_sizes, upsample_initial_channel,
+                    resblock_kernel_sizes, resblock_dilation_sizes),
             "activation": activation, "snake_logscale": bool(snake_logscale),
             "use_tanh_at_final": bool(use_tanh_at_final), "use_bias_at_final": bool(use_bias_at_final),
         }  # fmt: skip
@@ -514,13 +534,8 @@ class BigVGANGenerator(nn.Module):
         kwargs.update({name: h.get(name, default) for name, default in BIGVGAN_OPTIONAL.items()})
         return cls(spec_from_hparams(h, where), **kwargs)
 
-    def hparams(self) -> dict[str, Any]:
-        """The config.json fields that rebuild this generator (`from_hparams`) and its mels."""
-        return {**self.arch, **hparams_from_spec(self.spec)}
-
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
-        if logmel.ndim != 3 or logmel.shape[1] != self.spec.n_mels:
-            raise ValueError(f"expected log-mels (B, {self.spec.n_mels}, T), got {tuple(logmel.shape)}")
+        self._check(logmel)
         x = self.conv_pre(logmel)
         for i, up in enumerate(self.ups):
             x = up(x)  # no activation before upsampling in BigVGAN

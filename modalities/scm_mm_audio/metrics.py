@@ -17,10 +17,8 @@ The distances themselves live in the core (`scm_mm.metrics`) and see only featur
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import pathlib
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,13 +26,13 @@ from typing import Any
 
 import librosa
 import numpy as np
-import safetensors.torch
 import scipy.signal
 import torch
 from torch import nn
 
 from scm_mm.metrics import FeatureStats, frechet_distance
 from scm_mm.metrics.classifier import extract_features, feature_scores, fit_classifier
+from scm_mm.train.checkpoint import load_module_folder, save_module_folder
 
 from .mel import MelSpec, log_mel, mel_spec
 
@@ -102,22 +100,14 @@ class AudioClassifier(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Write a folder: model.safetensors (weights) and config.json (constructor settings, the mel spec
         included)."""
-        path = pathlib.Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                                    path / "model.safetensors")
-        (path / "config.json").write_text(json.dumps(self.settings, indent=2) + "\n")
+        save_module_folder(self, self.settings, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> AudioClassifier:
         """Inverse of `save`; in eval mode, without gradients."""
-        path = pathlib.Path(path)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"audio classifier file '{path / name}' not found: pass the folder that "
-                                        "AudioClassifier.save wrote (train one with train_audio_classifier)")
-        model = cls(**json.loads((path / "config.json").read_text()))
-        model.load_state_dict(safetensors.torch.load_file(path / "model.safetensors", device="cpu"), strict=True)
+        config, weights = load_module_folder(path, "audio classifier")
+        model = cls(**config)
+        model.load_state_dict(weights, strict=True)
         return model.to(device).eval().requires_grad_(False)
 
 

@@ -33,11 +33,11 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from scm_mm.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_into
+from scm_mm.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_into, writing_directory
 from scm_mm.train.step import apply_gradients
 
 from .mel import MelSpec, check_specs, log_mel
-from .vocos import Vocos, read_vocoder_config, save_vocoder, writing_directory
+from .vocos import Vocos, read_vocoder_config, save_vocoder
 
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # (n_fft, hop, win)
 

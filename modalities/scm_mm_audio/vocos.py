@@ -35,20 +35,17 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from scm_mm.modality import state_differences
-from scm_mm.train.checkpoint import load_into
+from scm_mm.train.checkpoint import cpu_tensors, load_into, save_module_folder, writing_directory
 
 from .mel import MelSpec, check_specs, mel_filters, mel_spec
 
@@ -219,38 +216,9 @@ def vocos_preset(name: str, **overrides: Any) -> Vocos:
 VOCODER_TYPES: dict[str, type[nn.Module]] = {"vocos": Vocos}
 
 
-@contextmanager
-def writing_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename, so a
-    reader (or a run killed while writing) sees either the old complete folder or the new one."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old one aside first
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-
-
 def save_vocoder(vocoder: Vocos, path: str | Path) -> Path:
     """Write our vocoder folder atomically: config.json {"type", "spec", "kwargs"} + model.safetensors."""
-    with writing_directory(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(vocoder.config(), indent=2) + "\n")
-        save_file(_cpu_state(vocoder), str(tmp / "model.safetensors"))
-    return Path(path)
+    return save_module_folder(vocoder, vocoder.config(), path)
 
 
 def read_vocoder_config(path: str | Path) -> dict[str, Any]:
@@ -370,7 +338,7 @@ def save_vocos(vocoder: Vocos, path: str | Path) -> Path:
     import yaml  # noqa: PLC0415 (only this format needs it)
 
     config = official_config(vocoder)
-    state = {**_feature_buffers(vocoder.spec), **_cpu_state(vocoder)}
+    state = {**_feature_buffers(vocoder.spec), **cpu_tensors(vocoder.state_dict())}
     with writing_directory(path) as tmp:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         torch.save(state, tmp / "pytorch_model.bin")

@@ -14,13 +14,11 @@ The distances themselves live in the core (`scm_mm.metrics`) and see only featur
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from collections.abc import Iterable
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +35,7 @@ from torchvision.models.inception import (
 
 from scm_mm.metrics import FeatureStats
 from scm_mm.metrics.classifier import extract_features, feature_scores, fit_classifier
+from scm_mm.train.checkpoint import load_module_folder, save_module_folder
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -171,18 +170,14 @@ class ClassifierFeatures(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a folder: model.safetensors (weights) and config.json (constructor settings)."""
-        path = pathlib.Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                                    path / "model.safetensors")
-        (path / "config.json").write_text(json.dumps(self.settings, indent=2) + "\n")
+        save_module_folder(self, self.settings, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ClassifierFeatures:
         """Inverse of `save`; in eval mode, without gradients."""
-        path = pathlib.Path(path)
-        model = cls(**json.loads((path / "config.json").read_text()))
-        model.load_state_dict(safetensors.torch.load_file(path / "model.safetensors", device="cpu"), strict=True)
+        config, weights = load_module_folder(path, "classifier")
+        model = cls(**config)
+        model.load_state_dict(weights, strict=True)
         return model.to(device).eval().requires_grad_(False)
 
 

@@ -18,7 +18,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,48 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def _cpu_tensors(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    # clone() breaks storage sharing, which safetensors refuses to write
+def cpu_tensors(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A state dict as contiguous CPU copies (what safetensors writes), keys prefixed."""
     return {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+@contextmanager
+def writing_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename, so a
+    reader (or a run killed while writing) sees either the old complete folder or the new one."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old one aside first
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_module_folder(module: nn.Module, config: Mapping[str, Any], path: str | Path) -> Path:
+    """A small model as a folder, written atomically: config.json (what rebuilds it) + model.safetensors."""
+    with writing_directory(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(cpu_tensors(module.state_dict()), str(tmp / "model.safetensors"))
+    return Path(path)
+
+
+def load_module_folder(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, CPU weights) of a folder written by `save_module_folder`; `what` names it in errors."""
+    folder = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{what} file '{folder / name}' not found: pass the folder its save() wrote")
+    return json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
 
 
 def save_checkpoint(
@@ -86,24 +126,17 @@ def save_checkpoint(
     keep_last: int = 3,                           # delete older checkpoints beyond this many; 0 keeps all
 ) -> Path:
     """Write one checkpoint atomically and prune old ones. Call on one rank (gather rank states first)."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    final = root / checkpoint_name(iteration)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_cpu_tensors(model), str(tmp / "model.safetensors"), metadata={"iteration": str(iteration)})
-    ema_tensors: dict[str, torch.Tensor] = {}
-    for name, sd in ema.items():
-        ema_tensors.update(_cpu_tensors(sd, prefix=f"{name}."))
-    save_file(ema_tensors, str(tmp / "ema.safetensors"), metadata={"names": json.dumps(list(ema))})
-    torch.save(state, tmp / "state.pt")
-    for rank, rs in rank_states.items():
-        torch.save(rs, tmp / f"rng-rank{rank}.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "iteration": iteration}, indent=2, default=str))
-    if final.exists():  # the same iteration saved twice (e.g. the final save after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = Path(run_dir) / CHECKPOINT_DIR / checkpoint_name(iteration)
+    with writing_directory(final) as tmp:  # the same iteration saved twice replaces the first (a final save)
+        save_file(cpu_tensors(model), str(tmp / "model.safetensors"), metadata={"iteration": str(iteration)})
+        ema_tensors: dict[str, torch.Tensor] = {}
+        for name, sd in ema.items():
+            ema_tensors.update(cpu_tensors(sd, prefix=f"{name}."))
+        save_file(ema_tensors, str(tmp / "ema.safetensors"), metadata={"names": json.dumps(list(ema))})
+        torch.save(state, tmp / "state.pt")
+        for rank, rs in rank_states.items():
+            torch.save(rs, tmp / f"rng-rank{rank}.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "iteration": iteration}, indent=2, default=str))
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
