@@ -1,6 +1,7 @@
-"""Small models shared by the tests of the core."""
+"""Small models and a Hydra composer shared by the tests."""
 
 import torch
+from hydra import compose, initialize_config_module
 
 
 class TinyNet(torch.nn.Module):
@@ -30,3 +31,9 @@ class TinyNet(torch.nn.Module):
         emb = emb.reshape(emb.shape[0], *([1] * (h.ndim - 2)), emb.shape[-1])
         h = torch.tanh(self.inp(h) + emb)
         return self.out(self.drop(h)).movedim(-1, 1)
+
+
+def config(name: str, overrides: list[str]):
+    """The app config `name` (train, sample, eval) composed as the scm-mm-* commands do."""
+    with initialize_config_module("scm_mm_configs", version_base="1.3"):
+        return compose(name, overrides=overrides)

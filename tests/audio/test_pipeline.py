@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from hydra import compose, initialize_config_module
+from helpers import config
 
 from scm_mm.app import evaluate, sample, train
 from scm_mm.pipeline import SCMPipeline
@@ -28,11 +28,6 @@ TINY = [
     "data.dataset.size=48", "train.batch_size=8", "train.progress=false", "train.log_every=1", "device=cpu",
     "+net.hidden=32", "+net.depth=1", "+net.heads=1",
 ]  # fmt: skip
-
-
-def config(name: str, overrides: list[str]):
-    with initialize_config_module("scm_mm_configs", version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 @pytest.fixture(scope="module")

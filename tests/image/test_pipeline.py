@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from helpers import config
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from PIL import Image
@@ -25,11 +25,6 @@ TINY = [
     "train.batch_size=8", "train.progress=false",
     "train.log_every=1", "device=cpu",
 ]  # fmt: skip
-
-
-def config(name: str, overrides: list[str]):
-    with initialize_config_module("scm_mm_configs", version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 @pytest.fixture(scope="module")
