@@ -105,6 +105,10 @@ class SCMPipeline:
         """The x0 shape of one sample lasting `seconds` (audio, video); other media have no duration."""
         raise ValueError(f"{self.modality.name} samples have no duration")
 
+    def shape_for_frames(self, frames: int) -> list[int]:
+        """The x0 shape of one sample of `frames` frames (video); other media have no frames."""
+        raise ValueError(f"{self.modality.name} samples have no frames")
+
     def generate(self, n: int, **kwargs: Any) -> torch.Tensor:
         """Decoded media for n samples; keywords as in `sample_latents`."""
         return self.codec.decode(self.sample_latents(n, **kwargs))

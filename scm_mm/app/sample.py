@@ -3,6 +3,7 @@
     scm-mm-sample checkpoint=runs/mnist_scd n=64 out=samples/digits.png
     scm-mm-sample checkpoint=runs/mnist_teacher solver=heun steps=32
     scm-mm-sample checkpoint=runs/notes_scd out=samples/notes.wav seconds=2 vocoder=runs/notes_vocoder
+    scm-mm-sample modality=video checkpoint=runs/digits_scd out=samples/digits.mp4 n=8 frames=17
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def run(cfg: DictConfig) -> list[Path]:
     labels = cast(list[int], OmegaConf.to_container(cfg.labels)) if cfg.labels is not None else None
     start = time.perf_counter()
     shape = pipe.shape_for(cfg.seconds) if cfg.seconds is not None else None
+    if cfg.get("frames") is not None:
+        shape = pipe.shape_for_frames(cfg.frames)
     x0 = pipe.sample_latents(
         cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, labels=labels, guidance=cfg.guidance,
         seed=cfg.seed, batch_size=cfg.batch_size, shape=shape,

@@ -91,6 +91,8 @@ def run(cfg: DictConfig) -> Any:
         "method": method.name,
         "config": plain(cfg),
     }
+    if getattr(raw, "fps", None):  # the frame rate of video clips, for the writers
+        meta["fps"] = float(raw.fps)
 
     def preview(ema_model: torch.nn.Module, it: int) -> torch.Tensor:
         pipe = SCMPipeline(ema_model, codec, modality, sample_shape, int(cfg.data.num_classes))  # type: ignore[arg-type]
