@@ -29,7 +29,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("SCM_MM_CACHE", Path.home() / ".cache" / "scm-mm"))
 
 
-def train_recipe(root: Path, iters: dict[str, int | None]) -> Path:
+def train_recipe(root: Path, iters: dict[str, int | None], clips: int | None = None) -> Path:
     """Autoencoder, teacher and sCD student, through the same code path as `scm-mm-train`; returns the student."""
     vae = f"modality.codec.vae={root / 'digits_vae'}"
     runs = [
@@ -40,6 +40,8 @@ def train_recipe(root: Path, iters: dict[str, int | None]) -> Path:
     for experiment, extra, iters_key in runs:
         run_dir = root / experiment
         overrides = [f"experiment={experiment}", f"run_dir={run_dir}", "device=cpu", *extra]
+        if clips is not None:
+            overrides += [f"data.dataset.size={clips}"]
         if iters.get(experiment) is not None:
             overrides += [f"{iters_key}={iters[experiment]}"]
         with initialize_config_module("scm_mm_configs", version_base="1.3"):
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None, help="where the recipe's runs live")
     for name in ("vae", "teacher", "student"):  # smoke tests
         p.add_argument(f"--{name}-iters", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--clips", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -71,7 +74,7 @@ def main() -> None:
     else:
         iters = {"digits_vae": args.vae_iters, "digits_teacher": args.teacher_iters,
                  "digits_scd": args.student_iters}  # fmt: skip
-        run = train_recipe(args.cache or cache_root(), iters)
+        run = train_recipe(args.cache or cache_root(), iters, args.clips)
     model = VideoSCM.load(run)
     videos = model.generate(args.n, steps=args.steps, frames=args.frames, guidance=args.guidance, seed=args.seed)
     for path in model.save_mp4(args.out, fps=args.fps):

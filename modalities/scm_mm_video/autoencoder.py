@@ -27,6 +27,7 @@ here, the convolutions' receptive field covers the latent frame.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -348,9 +349,11 @@ def save_video_vae(vae: VideoVAE, path: str | Path) -> Path:
 
 def load_video_vae(path: str | Path) -> VideoVAE:
     """A VideoVAE written by save_video_vae (CPU, eval mode)."""
+    config_file = Path(path) / "config.json"
+    kind = json.loads(config_file.read_text()).get("kind") if config_file.is_file() else None
+    if config_file.is_file() and kind != KIND:
+        raise ValueError(f"{config_file} describes a {kind!r}, not a {KIND!r} (save_video_vae)")
     config, weights = load_module_folder(path, "video autoencoder")
-    if config.get("kind") != KIND:
-        raise ValueError(f"{path}/config.json describes a {config.get('kind')!r}, not a {KIND!r} (save_video_vae)")
     vae = VideoVAE(VideoVAEConfig.from_dict(config["config"]))
     load_into(vae, weights, f"video autoencoder {path}")
     return vae.eval()

@@ -212,7 +212,7 @@ def video_scores(generated: torch.Tensor, real: dict[str, torch.Tensor], video_n
                  frame_net: FrameClassifier) -> dict[str, float]:  # fmt: skip
     """Scores of generated uint8 clips (N, C, T, H, W) against `reference_features`."""
     features, logits = extract_features(video_net, generated, 100)
-    scores = feature_scores(features, logits, real["video"])
+    scores = feature_scores(features, logits, real["video"], splits=min(10, len(features)))
     frame_features, _ = extract_features(frame_net, all_frames(generated), 500)
     frame_fd = FeatureStats().update(frame_features).frechet_distance(FeatureStats().update(real["frame"]))
     return {"fvd": scores["frechet"], "frame_fd": frame_fd, "is_mean": scores["is_mean"],
