@@ -222,6 +222,9 @@ class VideoVAE(nn.Module):
         self.enc_mid = ResBlock(widths[-1], widths[-1], config.groups)
         self.enc_norm = FrameNorm(min(config.groups, widths[-1]), widths[-1])
         self.enc_out = SpatialConv(widths[-1], 2 * config.latent_channels)
+        # Start nearly deterministic (posterior std e^-3 = 0.05): with logvar = 0 the decoder would first see
+        # unit noise on top of a small mean and learn slowly; the KL term widens the posterior as needed.
+        nn.init.constant_(self.enc_out.conv.bias[config.latent_channels :], -6.0)
 
         self.dec_in = SpatialConv(config.latent_channels, widths[-1])
         self.dec_mid = ResBlock(widths[-1], widths[-1], config.groups)

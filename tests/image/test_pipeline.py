@@ -100,9 +100,13 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "e
 def test_every_experiment_composes_and_builds_its_net(name):
     cfg = config("train", [f"experiment={name}"])
     assert cfg.name == name
-    if cfg.method.get("trainer"):  # a vocoder, with its own trainer: built for the modality's mel spec
-        vocoder = instantiate(cfg.method.trainer.vocoder)
-        assert vocoder.spec == instantiate(cfg.modality.codec).spec
+    trainer = cfg.method.get("trainer")
+    if trainer and "vocoder" in trainer:  # a vocoder, with its own trainer: built for the modality's mel spec
+        assert instantiate(trainer.vocoder).spec == instantiate(cfg.modality.codec).spec
+        return
+    if trainer:  # a video autoencoder, built for the data's channels
+        with torch.device("meta"):
+            assert instantiate(trainer.vae).in_channels == cfg.data.dataset.get("channels", 1)
         return
     with torch.device("meta"):
         net = build_from_spec(train.plain(cfg.net))

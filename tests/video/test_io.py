@@ -75,7 +75,7 @@ def test_variable_frame_rate_files_are_resampled_by_timestamps(tmp_path):
         stream = container.add_stream("libx264", rate=1000)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         stream.codec_context.time_base = Fraction(1, 1000)
-        for k, (t, image) in enumerate(zip(times_ms, frames, strict=True)):
+        for t, image in zip(times_ms, frames, strict=True):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = t, Fraction(1, 1000)
             container.mux(stream.encode(frame))

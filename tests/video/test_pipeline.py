@@ -92,7 +92,8 @@ def test_sample_and_eval_apps(runs, tmp_path):
 def test_generate_video_example_trains_caches_and_reuses(tmp_path):
     example = Path(__file__).parents[2] / "examples" / "generate_video.py"
     cmd = [sys.executable, str(example), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "d.mp4"),
-           "--n", "2", "--vae-iters", "1", "--teacher-iters", "1", "--student-iters", "1", "--clips", "64", "--strip"]  # fmt: skip
+           "--n", "2", "--vae-iters", "1", "--teacher-iters", "1", "--student-iters", "1", "--clips", "64",
+           "--strip"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     assert sorted(p.name for p in tmp_path.glob("d*")) == ["d-000.mp4", "d-001.mp4", "d-strip.png"]
