@@ -53,6 +53,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--vae-iters", type=int, default=None, help="default: the recipe's")
     p.add_argument("--teacher-iters", type=int, default=None)
     p.add_argument("--student-iters", type=int, default=None)
+    p.add_argument("--students", nargs="+", default=["scd", "sct"], help="which students to train and score")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 
@@ -67,6 +68,7 @@ def train_runs(out: Path, args: argparse.Namespace) -> dict[str, float]:
         ("digits_sct", [vae, f"method.init_from={out / 'digits_teacher'}"], "train.iters", args.student_iters),
     ]
     seconds = {}
+    runs = [run for run in runs if run[0].removeprefix("digits_") in ("vae", "teacher", *args.students)]
     for experiment, extra, iters_key, iters in runs:
         overrides = [f"experiment={experiment}", f"run_dir={out / experiment}", "device=cpu", *extra]
         if iters is not None:
@@ -142,6 +144,8 @@ def main() -> None:
             score("teacher", clips, seconds, sampler=method, steps=steps, nfe=nfe)
             write_frame_strip(clips.permute(0, 2, 3, 4, 1)[:10], out / f"teacher_{method}_{steps}.png")
     for run, name, guidance in (("digits_scd", "scd", 1.0), ("digits_sct", "sct", None)):
+        if name not in args.students:
+            continue
         for steps in (1, 2):
             clips, seconds = generate(run, "consistency", steps, guidance)
             score(name, clips, seconds, sampler="consistency", steps=steps, nfe=steps)
