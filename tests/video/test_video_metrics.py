@@ -1,0 +1,199 @@
+"""Offline video metrics: Frechet distances that vanish for a set against itself and grow with known
+perturbations, a video feature space in which temporally broken clips are far from real ones, classifier
+folders that round-trip, the train-once cache, and the frames-per-second timer.
+
+The fast tests train on `MovingSquares` (below): squares whose side encodes the class, bouncing in a
+16x16 frame. The slow test trains the default recipe on MovingDigits and checks the held-out accuracy
+documented in scm_mm_video.metrics.
+"""
+
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from scm_mm.metrics.frechet import FeatureStats
+from scm_mm_video import metrics
+from scm_mm_video.metrics import (
+    FrameClassifier,
+    VideoClassifier,
+    all_frames,
+    broken_order,
+    cached_video_classifiers,
+    classifier_accuracy,
+    evaluate_video,
+    frames_per_second,
+    reference_features,
+    train_frame_classifier,
+    train_video_classifier,
+    video_scores,
+)
+
+
+class MovingSquares(Dataset):
+    """Item i: a bright square of side 2 + 2 * class (class i % 3) bouncing in a 16x16 frame, (1, 5, 16, 16)."""
+
+    num_classes = 3
+
+    def __init__(self, size: int = 96, seed: int = 0, frames: int = 5) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.clips, self.labels = [], []
+        for i in range(size):
+            label = i % 3
+            side = 2 + 2 * label
+            room = 16 - side
+            start = torch.rand(2, generator=g) * room
+            sign = torch.randint(2, (2,), generator=g) * 2 - 1
+            velocity = sign * (2 + torch.rand(2, generator=g))  # 2..3 pixels per frame along each axis
+            clip = torch.zeros(1, frames, 16, 16, dtype=torch.uint8)
+            for t in range(frames):
+                p = (start + velocity * t) % (2 * room)
+                y, x = torch.where(p > room, 2 * room - p, p).round().long().tolist()
+                clip[0, t, y : y + side, x : x + side] = 255
+            self.clips.append(clip)
+            self.labels.append(label)
+        self.fingerprint = f"moving-squares:size={size}:seed={seed}:frames={frames}"
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.clips[i], self.labels[i]
+
+
+def stack(dataset: Dataset) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+@pytest.fixture(scope="module")
+def nets() -> tuple[VideoClassifier, FrameClassifier]:
+    data = MovingSquares(size=96)
+    video = train_video_classifier(data, 3, steps=100, batch_size=16, width=8)
+    frame = train_frame_classifier(data, 3, steps=30, batch_size=16, width=8)
+    return video, frame
+
+
+def test_the_classifiers_learn_the_squares(nets):
+    accuracy = classifier_accuracy(MovingSquares(size=60, seed=1), *nets)
+    assert accuracy["video"] > 0.85 and accuracy["frame"] > 0.9  # chance: 1/3
+
+
+def test_a_set_against_itself_scores_zero_and_noise_raises_both_distances(nets):
+    reference = MovingSquares(size=60, seed=1)
+    clips = stack(reference)
+    same = evaluate_video(clips, reference, *nets)
+    assert abs(same["fvd"]) < 1e-6 and abs(same["frame_fd"]) < 1e-6
+    assert same["precision"] == same["recall"] == 1.0
+    real = reference_features(reference, *nets)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(clips.shape, generator=g)
+    scores = [video_scores((clips + a * noise).clamp(0, 255).to(torch.uint8), real, *nets) for a in (8, 32, 128)]
+    assert 0 < scores[0]["fvd"] < scores[1]["fvd"] < scores[2]["fvd"]
+    assert 0 < scores[0]["frame_fd"] < scores[1]["frame_fd"] < scores[2]["frame_fd"]
+
+
+def test_the_frechet_distance_of_shifted_features_is_the_squared_shift():
+    # The formula the metrics call (FeatureStats.frechet_distance), against the analytic value.
+    x = torch.randn(500, 16, dtype=torch.float64)
+    shift = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    d = FeatureStats().update(x).frechet_distance(FeatureStats().update(x + shift))
+    assert d == pytest.approx(float(shift.square().sum()), rel=1e-9)
+
+
+def test_shuffled_clips_are_farther_than_an_independent_real_sample(nets):
+    reference, other = MovingSquares(size=90, seed=1), MovingSquares(size=90, seed=2)
+    real = reference_features(reference, *nets)
+    clips = stack(other)
+    shuffled = broken_order(clips, torch.Generator().manual_seed(0), ("shuffle",))
+    independent, broken = video_scores(clips, real, *nets), video_scores(shuffled, real, *nets)
+    assert broken["fvd"] > 5 * independent["fvd"]
+    # Same frames, so the per-frame distance cannot tell them apart.
+    assert broken["frame_fd"] == pytest.approx(independent["frame_fd"], rel=1e-6)
+
+
+def test_broken_order_permutes_frames_and_never_keeps_the_order():
+    clips = torch.arange(6 * 7, dtype=torch.uint8).view(6, 1, 7, 1, 1).expand(6, 1, 7, 2, 2).contiguous()
+    g = torch.Generator().manual_seed(0)
+    for kinds in (("shuffle",), ("reverse",), ("shuffle", "reverse")):
+        out = broken_order(clips, g, kinds)
+        order = out[:, 0, :, 0, 0].long() - clips[:, 0, :1, 0, 0].long()  # (B, T) the frame indices used
+        assert torch.equal(order.sort(1).values, torch.arange(7).expand(6, 7))
+        is_reversed = (order == torch.arange(6, -1, -1)).all(1)
+        assert not (order == torch.arange(7)).all(1).any()
+        assert is_reversed.all() if kinds == ("reverse",) else True
+        assert not is_reversed.any() if kinds == ("shuffle",) else True
+    with pytest.raises(ValueError, match="kinds"):
+        broken_order(clips, g, ("jumble",))
+
+
+def test_classifiers_round_trip_through_folders(nets, tmp_path):
+    video, frame = nets
+    clips = stack(MovingSquares(size=8, seed=3))
+    video.save(tmp_path / "video")
+    frame.save(tmp_path / "frame")
+    video2, frame2 = VideoClassifier.load(tmp_path / "video"), FrameClassifier.load(tmp_path / "frame")
+    assert video2.settings == video.settings and not video2.training
+    for a, b in zip(video(clips), video2(clips), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(frame(all_frames(clips)), frame2(all_frames(clips)), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="FrameClassifier"):
+        VideoClassifier.load(tmp_path / "frame")
+
+
+def test_cached_video_classifiers_train_once_then_load(tmp_path, monkeypatch):
+    trained = []
+
+    def quick(train):
+        def run(data, num_classes):
+            trained.append(train.__name__)
+            return train(data, num_classes, steps=2, batch_size=4, width=8)
+        return run
+
+    monkeypatch.setattr(metrics, "train_video_classifier", quick(train_video_classifier))
+    monkeypatch.setattr(metrics, "train_frame_classifier", quick(train_frame_classifier))
+    data = MovingSquares(size=12)
+    clips = stack(data)
+    video, frame = cached_video_classifiers(data, tmp_path)
+    assert trained == ["train_video_classifier", "train_frame_classifier"]
+    video2, frame2 = cached_video_classifiers(data, tmp_path)
+    assert len(trained) == 2 and torch.equal(video(clips)[0], video2(clips)[0])
+    assert torch.equal(frame(all_frames(clips))[0], frame2(all_frames(clips))[0])
+    cached_video_classifiers(MovingSquares(size=12, seed=5), tmp_path)  # other data: trained anew
+    assert len(trained) == 4
+    video.save(tmp_path / "given" / "video")
+    frame.save(tmp_path / "given" / "frame")
+    video3, _ = cached_video_classifiers(data, None, path=tmp_path / "given")
+    assert len(trained) == 4 and torch.equal(video(clips)[1], video3(clips)[1])
+
+
+def test_scores_refuse_floats_and_clips_of_another_size(nets):
+    reference = MovingSquares(size=12)
+    clips = stack(reference)
+    with pytest.raises(TypeError, match="uint8"):
+        evaluate_video(clips.float() / 127.5 - 1, reference, *nets)
+    with pytest.raises(ValueError, match="reference"):
+        evaluate_video(clips[:, :, :3], reference, *nets)
+
+
+def test_frames_per_second_is_frames_over_the_median_call():
+    delays = iter([0.5, 0.3, 0.01, 0.01])  # a slow warmup, one slow timed call, two fast ones
+
+    def fn():
+        time.sleep(next(delays))
+
+    fps = frames_per_second(fn, frames_per_call=4, repeats=3)
+    assert 4 / 0.03 < fps <= 4 / 0.01
+
+
+@pytest.mark.slow
+def test_moving_digits_recipe_accuracy():
+    """The numbers documented in train_video_classifier (~80 s on one thread)."""
+    from scm_mm_video.data import MovingDigits
+
+    train, test = MovingDigits(size=2000), MovingDigits(size=1000, split="test")
+    accuracy = classifier_accuracy(test, train_video_classifier(train, 10), train_frame_classifier(train, 10))
+    print(accuracy)
+    assert accuracy["video"] > 0.9 and accuracy["frame"] > 0.95
+    assert accuracy["order_true"] > 0.95 and accuracy["order_shuffle"] > 0.95
