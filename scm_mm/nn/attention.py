@@ -2,8 +2,10 @@
 
 sCM needs the JVP dF/dt of the whole network (Eq. 6), taken with `torch.func.jvp` over the model.
 PyTorch's fused SDPA kernels, xformers and flash-attn have no forward-mode AD, so `attention` routes
-calls that carry a tangent to `JVPAttention`, a blockwise (flash-style) op with a hand-written JVP
-(App. F of the paper), and everything else to the fast kernels.
+calls that carry a tangent to an op with a hand-written JVP (App. F of the paper): on CUDA the fused
+Triton kernel of `triton_attention` (output and tangent in one pass), elsewhere or for masks it does
+not fuse `JVPAttention`, a blockwise (flash-style) op in PyTorch; everything else goes to the fast
+kernels.
 
 Layout everywhere is (B, H, N, D) as in `F.scaled_dot_product_attention`; `mask` is boolean,
 broadcastable to (B, H, Nq, Nk), True = attend. A query row with no visible key gives 0 (and a
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-BACKENDS = ("auto", "sdpa", "xformers", "jvp", "math")
+BACKENDS = ("auto", "sdpa", "xformers", "triton", "jvp", "math")
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("attention_backend", default="auto")
 
 
@@ -196,6 +198,25 @@ def _xformers_ops() -> ModuleType | None:
     return xformers.ops
 
 
+@functools.cache
+def _triton_attention() -> ModuleType | None:
+    """scm_mm.nn.triton_attention if Triton is installed (it comes with torch on Linux)."""
+    try:
+        from scm_mm.nn import triton_attention
+    except ImportError:
+        return None
+    return triton_attention
+
+
+def _triton_fits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether "auto" takes the fused Triton kernel for a call with a live tangent."""
+    ops = _triton_attention()
+    if ops is None or not q.is_cuda:
+        return False
+    primals = (forward_ad.unpack_dual(x).primal for x in (q, k, v))
+    return ops.triton_unsupported(*primals, mask, tangent=True) is None
+
+
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     xops = _xformers_ops()
     if xops is None:
@@ -212,13 +233,14 @@ def attention(
 
     q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) -> (B, H, Nq, Dv); mask: bool,
     broadcastable to (B, H, Nq, Nk), True = attend; scale defaults to D**-0.5; q, k, v share B, H.
-    Backend "auto" (see `attention_backend`): `JVPAttention` when a tangent is live; else xformers
-    on CUDA when installed and there is no mask; else `F.scaled_dot_product_attention`.
+    Backend "auto" (see `attention_backend`): when a tangent is live, the fused Triton kernel on
+    CUDA where it fits (`triton_unsupported`) and `JVPAttention` otherwise; else xformers on CUDA
+    when installed and there is no mask; else `F.scaled_dot_product_attention`.
     """
     backend, live = _backend.get(), tangent_is_live(q, k, v)
     if backend == "auto":
         if live:
-            backend = "jvp"
+            backend = "triton" if _triton_fits(q, k, v, mask) else "jvp"
         elif q.is_cuda and mask is None and _xformers_ops() is not None:
             backend = "xformers"
         else:
@@ -230,6 +252,11 @@ def attention(
         )
     if backend == "jvp":
         return jvp_attention(q, k, v, mask, scale)
+    if backend == "triton":
+        ops = _triton_attention()
+        if ops is None:
+            raise RuntimeError("attention backend 'triton' requested but triton is not installed")
+        return ops.triton_attention(q, k, v, mask, scale)
     if backend == "math":
         return naive_attention(q, k, v, mask, scale)
     if backend == "xformers":

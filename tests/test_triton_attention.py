@@ -1,0 +1,199 @@
+"""The fused Triton attention+tangent kernel against float64 torch.func.jvp of naive attention.
+
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest), so
+these tests check it in every CPU run; with CUDA they check the compiled kernel.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+
+from scm_mm.nn.attention import attention, attention_backend, naive_attention
+
+triton_attention = pytest.importorskip("scm_mm.nn.triton_attention", reason="triton is not installed")
+if not (torch.cuda.is_available() or triton_attention.interpreting()):
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+# Error bound of each input dtype against float64 math on the same (rounded) inputs. Half dtypes
+# round P and P tS to the input dtype before their matmuls, as flash attention does.
+ATOL = {F64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _inputs(b, h, nq, nk, d, dtype, seed=0) -> list[Tensor]:
+    """q, k, v, tq, tk, tv, rounded to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, h, n, d) for n in (nq, nk, nk)] * 2
+    return [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
+
+
+def _key_mask(kind: str, b: int, nk: int) -> Tensor | None:
+    """None; keys padded at the end; or that with batch 1 seeing no key at all."""
+    if kind == "none":
+        return None
+    mask = (torch.arange(nk) < nk - 5).repeat(b, 1)
+    if kind == "empty":
+        mask[1] = False
+    return mask.to(DEVICE)
+
+
+def _reference(q, k, v, tq, tk, tv, key_mask, causal, scale=None) -> tuple[Tensor, Tensor]:
+    """(O, tO) of naive attention in float64, by torch.func.jvp."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if causal:
+        tril = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
+        mask = tril if mask is None else mask & tril
+    primals, tangents = (tuple(x.to(F64) for x in xs) for xs in ((q, k, v), (tq, tk, tv)))
+    return torch.func.jvp(lambda *p: naive_attention(*p, mask=mask, scale=scale), primals, tangents)
+
+
+CASES = [  # (nq, nk, d, key mask, causal): ragged blocks, head dims 16 to 128 (24 padded to 32)
+    (37, 37, 24, "none", False),
+    (16, 50, 32, "padding", False),
+    (21, 43, 64, "empty", False),
+    (40, 40, 16, "none", True),
+    (9, 35, 128, "padding", True),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nq,nk,d,mask_kind,causal", CASES)
+def test_fused_kernel_matches_float64_reference(dtype, nq, nk, d, mask_kind, causal):
+    q, k, v, tq, tk, tv = _inputs(2, 2, nq, nk, d, dtype)
+    key_mask = _key_mask(mask_kind, 2, nk)
+    out, t_out, lse = triton_attention.attention_jvp_fused(q, k, v, tq, tk, tv, key_mask, causal)
+    ref, t_ref = _reference(q, k, v, tq, tk, tv, key_mask, causal)
+    assert out.dtype == t_out.dtype == dtype and out.shape == t_out.shape == q.shape
+    torch.testing.assert_close(out.to(F64), ref, rtol=0, atol=ATOL[dtype])
+    torch.testing.assert_close(t_out.to(F64), t_ref, rtol=0, atol=ATOL[dtype] * t_ref.abs().max().item())
+    if mask_kind == "empty":  # a row with no visible key: O = tO = 0, lse = +inf
+        assert not out[1].any() and not t_out[1].any() and lse[1].isinf().all()
+        lse = lse[:1]
+    # lse, in the accumulator dtype, is the log-sum-exp of the visible scaled scores.
+    s = q.to(F64) @ k.to(F64).transpose(-1, -2) / math.sqrt(d)
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    if causal:
+        s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    torch.testing.assert_close(lse.to(F64), s.logsumexp(-1)[: len(lse)], rtol=0, atol=ATOL[dtype] / 100 + 1e-6)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "qk"])
+def test_missing_tangents_are_zero(which):
+    q, k, v, tq, tk, tv = _inputs(1, 2, 19, 23, 32, F64)
+    tangents = {name: t if name in which else None for name, t in zip("qkv", (tq, tk, tv), strict=True)}
+    out, t_out, _ = triton_attention.attention_jvp_fused(q, k, v, *tangents.values(), scale=0.3)
+    zeros = {name: torch.zeros_like(t) if tangents[name] is None else t for name, t in zip("qkv", (tq, tk, tv))}
+    ref, t_ref = _reference(q, k, v, *zeros.values(), None, False, scale=0.3)
+    torch.testing.assert_close(t_out, t_ref, rtol=0, atol=1e-12)
+    plain, none, _ = triton_attention.attention_jvp_fused(q, k, v, scale=0.3)  # flash forward alone
+    assert none is None
+    torch.testing.assert_close(plain, ref, rtol=0, atol=1e-12)
+
+
+def test_strided_inputs():
+    """q, k, v as transposed views of (B, N, H, D) projections, as attention layers make them."""
+    x = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(2, 3, 17, 17, 16, F64)]
+    assert not x[0].is_contiguous()
+    out, t_out, _ = triton_attention.attention_jvp_fused(*x)
+    ref, t_ref = _reference(*x, None, False)
+    torch.testing.assert_close((out, t_out), (ref, t_ref), rtol=0, atol=1e-12)
+
+
+def test_dispatcher_under_func_jvp_and_forward_ad():
+    q, k, v, tq, tk, tv = _inputs(2, 2, 20, 20, 32, F64)
+    mask = _key_mask("padding", 2, 20)[:, None, None, :]
+
+    def f(q, k, v):
+        return attention(q.sin(), k, v * 2, mask, scale=0.2).cos()
+
+    def f_ref(q, k, v):
+        return naive_attention(q.sin(), k, v * 2, mask, scale=0.2).cos()
+
+    with attention_backend("triton"), torch.no_grad():
+        out, t_out = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+    ref, t_ref = torch.func.jvp(f_ref, (q, k, v), (tq, tk, tv))
+    torch.testing.assert_close((out, t_out), (ref, t_ref), rtol=0, atol=1e-12)
+    with attention_backend("triton"), torch.no_grad(), forward_ad.dual_level():
+        dual = f(forward_ad.make_dual(q, tq), k, v)
+        _, t_out = forward_ad.unpack_dual(dual)
+    _, t_ref = torch.func.jvp(lambda q: f_ref(q, k, v), (q,), (tq,))
+    torch.testing.assert_close(t_out, t_ref, rtol=0, atol=1e-12)
+
+
+def test_dit_jvp_through_the_kernel_equals_the_blockwise_op():
+    from scm_mm.nn.dit import DiT
+
+    torch.manual_seed(0)
+    net = DiT(2, patch_size=(1, 2, 2), hidden=32, depth=2, heads=2, noise_channels=16, num_classes=3)
+    for p in net.parameters():  # the zero-initialised gates would make attention irrelevant
+        nn.init.normal_(p, std=0.2)
+    net = net.to(DEVICE, F64).eval()
+    x = torch.randn(2, 2, 3, 4, 4, dtype=F64, device=DEVICE)
+    c = torch.rand(2, dtype=F64, device=DEVICE) * 1000
+    tangents = (torch.randn_like(x), torch.randn_like(c))
+
+    def f(x, c):
+        return net(x, c, torch.tensor([0, 2], device=DEVICE))
+
+    results = {}
+    for backend in ("triton", "jvp"):
+        with attention_backend(backend), torch.no_grad():
+            results[backend] = torch.func.jvp(f, (x, c), tangents)
+    torch.testing.assert_close(results["triton"], results["jvp"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask_kind,causal", [("none", False), ("padding", True), ("empty", False)])
+def test_backward_of_the_primal_matches_naive(mask_kind, causal):
+    """A with-grad forward through the kernel (no tangent) has naive attention's gradients."""
+    q, k, v, _, _, _ = _inputs(2, 2, 13, 13, 16, F64)
+    key_mask = _key_mask(mask_kind, 2, 13)
+    d_out = torch.randn_like(q)
+    grads = []
+    for fused in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        if fused:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out = triton_attention.triton_attention(*leaves, mask, causal=causal)
+        else:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            if causal:
+                tril = torch.ones(13, 13, dtype=torch.bool, device=DEVICE).tril()
+                mask = tril if mask is None else mask & tril
+            out = naive_attention(*leaves, mask)
+        grads.append(torch.autograd.grad(out, leaves, d_out))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+def test_refusals_are_clear():
+    q, k, v, tq, _, _ = _inputs(1, 2, 8, 8, 16, F64)
+    per_query = torch.rand(8, 8, device=DEVICE) > 0.5
+    with attention_backend("triton"), pytest.raises(ValueError, match="key padding mask"):
+        attention(q, k, v, per_query)
+    # A tangent under grad mode: the fused tangent output is not differentiable.
+    q = q.requires_grad_()
+    with attention_backend("triton"), pytest.raises(ValueError, match="torch.no_grad"):
+        torch.func.jvp(lambda q: attention(q, k, v), (q,), (tq,))
+    # "auto" falls back to the blockwise op there, and on the CPU always.
+    out, t_out = torch.func.jvp(lambda q: attention(q, k, v), (q,), (tq,))
+    _, t_ref = torch.func.jvp(lambda q: naive_attention(q, k, v), (q.detach(),), (tq,))
+    torch.testing.assert_close(t_out.detach(), t_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_takes_the_kernel_on_cuda(monkeypatch):
+    calls = []
+    fused = triton_attention.triton_attention
+    monkeypatch.setattr(triton_attention, "triton_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    q, k, v, tq, tk, tv = _inputs(2, 4, 256, 256, 64, torch.bfloat16)
+    with torch.no_grad():
+        torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+    assert calls == [1]
+    attention(q, k, v)  # no tangent: SDPA or xformers
+    assert calls == [1]
