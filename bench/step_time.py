@@ -2,6 +2,7 @@
 
     python bench/step_time.py                 # U-Net and DiT, CPU, a few minutes
     python bench/step_time.py --nets dit --batch 8 --repeats 10
+    python bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 8   # GPU (issue 6)
 
 Each step is forward + backward + Adam. The sCT step adds the JVP (torch.func.jvp of the student
 under no_grad) and its second forward (with grad); the sCD step adds the teacher's forward too. The
@@ -9,6 +10,10 @@ no-grad forward and JVP alone are timed as well, to show where the time goes: th
 costs at least (teacher step + JVP + forward) / teacher step. The three kinds of step are timed
 in rounds (teacher, sCT, sCD, forward, JVP, teacher, ...) so that machine noise hits all of them alike; the table
 gives medians and the ratios of medians. Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step.
+The paper's presets: the EDM2 ImageNet-64 S U-Net (280M) on 64x64x3 pixels, and the video DiT-S on
+the latent of 17 frames at 256x256 through a 16-channel 4x8x8 autoencoder (16x5x32x32, 1,280 tokens);
+--precision bf16 runs each under autocast, as the training loop does. On CUDA every step ends with a
+synchronisation, so the wall clock counts the GPU's work.
 """
 
 from __future__ import annotations
@@ -24,21 +29,28 @@ from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.jvp import jvp
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
+from scm_mm_image.presets import build_unet
+from scm_mm_video.presets import build_video_net
 
 NETS = {
     # A CIFAR-like pixel U-Net and a latent DiT, sized so one step takes about a second on 2 cores.
     "unet": (lambda: UNet(3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,)), (3, 32, 32)),
     "dit": (lambda: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4), (4, 32, 32)),
+    # The paper-scale presets, for a GPU.
+    "imagenet64-S": (lambda: build_unet("imagenet64-S"), (3, 64, 64)),
+    "video-dit-s": (lambda: build_video_net("video-dit-s", 16), (16, 5, 32, 32)),
 }
 
 
 def timed(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def bench_net(name: str, batch: int, repeats: int, device: str) -> dict[str, float]:
+def bench_net(name: str, batch: int, repeats: int, device: str, precision: str) -> dict[str, float]:
     build, shape = NETS[name]
     torch.manual_seed(0)
     student = TrigFlowPrecond(build()).to(device)
@@ -51,18 +63,23 @@ def bench_net(name: str, batch: int, repeats: int, device: str) -> dict[str, flo
     t = torch.rand(batch, device=device) * 1.4 + 0.1
     x_t, v = torch.randn_like(x0), torch.randn_like(x0)
 
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
     def step(kind: str) -> None:
         if kind == "forward":  # the pieces, to show where an sCM step spends its time
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 student(x_t, t)
             return
         if kind == "JVP":
-            jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)))
+            with autocast:
+                jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)))
             return
-        if kind == "teacher":
-            loss, _ = diffusion(student, x0)
-        else:
-            loss, _ = scm(student, x0, teacher=teacher if kind == "sCD" else None, step=10**6)
+        with autocast:  # the forward passes; backward outside, as in the training loop
+            if kind == "teacher":
+                loss, _ = diffusion(student, x0)
+            else:
+                loss, _ = scm(student, x0, teacher=teacher if kind == "sCD" else None, step=10**6)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,15 +107,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="backbone autocast")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.precision}")
     print(
         "| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher "
         "| forward ms (no grad) | JVP ms (no grad) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.nets:
-        bench_net(name, args.batch, args.repeats, args.device)
+        bench_net(name, args.batch, args.repeats, args.device, args.precision)
 
 
 if __name__ == "__main__":

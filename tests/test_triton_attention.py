@@ -197,3 +197,19 @@ def test_auto_takes_the_kernel_on_cuda(monkeypatch):
     assert calls == [1]
     attention(q, k, v)  # no tangent: SDPA or xformers
     assert calls == [1]
+
+
+def test_benchmark_script_runs(tmp_path):
+    """bench/attention_triton.py (the GPU measurement) on a tiny CPU shape, so it cannot rot."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "attention_triton.py"
+    cmd = [sys.executable, str(script), "--device", DEVICE, "--lengths", "48", "--head-dims", "32"]
+    cmd += ["--heads", "1", "--repeats", "1", "--dtype", "float32", "--out", str(tmp_path / "rows.json")]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (row,) = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert set(row["ms"]) == {"flash forward", "fused forward", "fused", "blockwise", "math"}
+    assert row["fused vs blockwise"] < 1e-5

@@ -125,10 +125,8 @@ class VideoSCM(SCMPipeline):
     def shape_for_frames(self, frames: int) -> list[int]:
         """x0 shape of a clip of at least `frames` frames: rounded up to a length the autoencoder and the
         network's temporal patch both take."""
-        factor = self.codec.vae.temporal_factor
         patch = int(getattr(self.model.net, "patch_size", (1,))[0])
-        latent = math.ceil(max(frames - 1, 0) / factor) + 1
-        latent = math.ceil(latent / patch) * patch
+        latent = self.codec.latent_frames_at_least(frames, multiple=patch)
         return [self.sample_shape[0], latent, *self.sample_shape[2:]]
 
     def shape_for(self, seconds: float) -> list[int]:

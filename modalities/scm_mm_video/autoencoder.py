@@ -208,6 +208,7 @@ class VideoVAE(nn.Module):
         self.config = config
         self.in_channels, self.latent_channels = config.in_channels, config.latent_channels
         self.temporal_factor, self.spatial_factor = config.temporal_factor, config.spatial_factor
+        self.frame_step = self.temporal_factor  # every 1 + f k frames round-trip (causal, no grouping)
         widths = [config.base_channels * m for m in config.channel_mult]
         temporal = [i >= levels - 1 - temporal_downs for i in range(levels - 1)]  # the deepest downsamplings
         pixels = config.in_channels * config.patch_size**2  # channels after space-to-depth

@@ -19,6 +19,7 @@ clips at a time, so memory does not grow with the number or the length of the cl
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -37,6 +38,7 @@ class VideoAutoencoder(Protocol):
     in_channels: int       # pixel channels it encodes
     latent_channels: int
     temporal_factor: int   # T = 1 + temporal_factor * (t - 1)
+    frame_step: int        # the clip lengths it takes: T = 1 + frame_step * k (a multiple of temporal_factor)
     spatial_factor: int    # H = spatial_factor * h
 
     def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,11 @@ class VideoAutoencoder(Protocol):
         ...
 
 
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> VideoAutoencoder:
+def load_autoencoder(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    media_channels: int | None = None,  # clip channels; 1 lets a 3-channel diffusers VAE take grey clips
+) -> VideoAutoencoder:
     """A video autoencoder from a local folder: a `scm-mm-train experiment=digits_vae` run (its vae/),
     a folder written by save_video_vae, or a diffusers video VAE (or a pipeline folder with vae/)."""
     folder = Path(path).expanduser()
@@ -64,11 +70,15 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Vi
         if fields.get("kind") == "scm-mm-video-vae":
             from .autoencoder import load_video_vae
 
-            return load_video_vae(candidate).to(device).eval().requires_grad_(False)
+            vae = load_video_vae(candidate).to(device).eval().requires_grad_(False)
+            if media_channels not in (None, vae.in_channels):
+                raise ValueError(f"the autoencoder at {candidate} encodes {vae.in_channels}-channel clips, not "
+                                 f"media_channels={media_channels}")  # fmt: skip
+            return vae
         if "_class_name" in fields:
             from .diffusers_vae import load_diffusers_video_vae
 
-            return load_diffusers_video_vae(candidate, device=device)
+            return load_diffusers_video_vae(candidate, device=device, media_channels=media_channels)
     raise FileNotFoundError(
         f"no video autoencoder at {folder}: expected a folder with config.json written by save_video_vae (or the "
         "run folder of `scm-mm-train experiment=digits_vae`, which holds vae/), or a local diffusers "
@@ -101,10 +111,11 @@ class VideoLatentCodec:
         std: Sequence[float] | None = None,        # per-channel latent std, raw units
         batch_size: int = 8,                       # clips per autoencoder call
         device: str | torch.device = "cpu",        # where the autoencoder runs
+        media_channels: int | None = None,         # for a folder: 1 = grey clips on a 3-channel diffusers VAE
     ) -> None:
         if isinstance(vae, (str, Path)):
             self.path: str | None = str(Path(vae).expanduser().resolve())
-            self.vae = load_autoencoder(self.path, device)
+            self.vae = load_autoencoder(self.path, device, media_channels)
         else:
             self.path, self.vae = None, vae
         if mean is None and std is None:  # a VAE that ships its statistics (Wan, LTX-Video)
@@ -132,11 +143,24 @@ class VideoLatentCodec:
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a clip of `frames` frames; ValueError naming valid counts otherwise."""
-        f = self.vae.temporal_factor
-        if frames < 1 or (frames - 1) % f:
-            below = 1 + f * max((frames - 1) // f, 0)
-            raise ValueError(f"{frames} frames: this autoencoder takes 1 + {f}k frames, e.g. {below} or {below + f}")
-        return 1 + (frames - 1) // f
+        step = self.vae.frame_step
+        if frames < 1 or (frames - 1) % step:
+            below = 1 + step * max((frames - 1) // step, 0)
+            raise ValueError(f"{frames} frames: this autoencoder takes 1 + {step}k frames, e.g. {below} or "
+                             f"{below + step}")  # fmt: skip
+        return 1 + (frames - 1) // self.vae.temporal_factor
+
+    def latent_frames_at_least(self, frames: int, multiple: int = 1) -> int:
+        """The fewest latent frames that decode to at least `frames` frames, give a clip length the
+        autoencoder takes back (1 + frame_step k) and are a multiple of `multiple` (a temporal patch)."""
+        stride = self.vae.frame_step // self.vae.temporal_factor  # latent frames per valid clip-length step
+        latent = 1 + stride * math.ceil(max(frames - 1, 0) / self.vae.frame_step)
+        for _ in range(multiple):  # the residues of latent mod multiple repeat within `multiple` strides
+            if latent % multiple == 0:
+                return latent
+            latent += stride
+        raise ValueError(f"no latent length 1 + {stride}k is a multiple of the temporal patch {multiple}; "
+                         "use a temporal patch of 1 with this autoencoder")  # fmt: skip
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mean is None or self.std is None:
@@ -211,6 +235,8 @@ def codec_from_state(state: Mapping[str, Any], vae: str | Path | None = None, **
     if not Path(str(source)).expanduser().exists():
         raise FileNotFoundError(f"the autoencoder of this checkpoint was at {source}, which does not exist here: "
                                 "pass vae=<local folder> (scm-mm-sample ... codec.vae=<folder>)")  # fmt: skip
+    # A diffusers VAE records the clip channels it was used with (grey clips on an RGB VAE).
+    overrides.setdefault("media_channels", state["autoencoder"].get("media_channels"))
     codec = VideoLatentCodec(source, state["sigma_d"], state["mean"], state["std"], **overrides)
     check_state(state["autoencoder"], codec.vae.describe(), f"autoencoder at {source} (checkpoint's != this one)")
     return codec

@@ -106,3 +106,6 @@ def test_codec_fits_statistics_and_refuses_another_autoencoder(tmp_path):
     save_video_vae(tiny(base_channels=16), tmp_path / "other")
     with pytest.raises(ValueError, match="base_channels: 8 != 16"):
         codec_from_state(codec.state(), vae=tmp_path / "other")
+    with pytest.raises(ValueError, match="encodes 1-channel clips, not media_channels=3"):
+        VideoLatentCodec(tmp_path / "vae", media_channels=3)
+    assert codec.latent_frames_at_least(6) == 4 and codec.frames_for(4) == 7  # f = 2: every 2k + 1 frames

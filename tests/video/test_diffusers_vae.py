@@ -201,3 +201,30 @@ def test_the_video_codec_uses_it_with_the_shipped_statistics(folders):
     mean, std = (torch.tensor(TINY["wan"][1][key]).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
     torch.testing.assert_close(x0, (vae.encode_raw(clips.float() / 127.5 - 1) - mean) * 0.5 / std)
     assert codec.decode(x0).shape == clips.shape and codec.decode(x0).dtype == torch.uint8
+
+
+def test_the_codec_follows_the_frame_step_not_only_the_temporal_factor(folders):
+    """CogVideoX (f = 4) takes back 8k + 1 frames: odd latent counts only."""
+    from scm_mm_video.codec import VideoLatentCodec
+
+    codec = VideoLatentCodec(folders / "cogvideox", mean=[0.0] * 4, std=[1.0] * 4)
+    assert (codec.vae.temporal_factor, codec.vae.frame_step) == (4, 8)
+    assert codec.latent_frames(9) == 3 and codec.frames_for(3) == 9
+    with pytest.raises(ValueError, match=r"1 \+ 8k frames, e.g. 1 or 9"):
+        codec.latent_frames(5)
+    assert [codec.latent_frames_at_least(n) for n in (1, 2, 9, 10, 17)] == [1, 3, 3, 5, 5]
+    assert codec.latent_frames_at_least(2, multiple=3) == 3
+    with pytest.raises(ValueError, match="temporal patch 2"):
+        codec.latent_frames_at_least(2, multiple=2)
+
+
+def test_grey_clips_on_an_rgb_vae_from_a_folder_and_from_a_checkpoint_state(folders):
+    from scm_mm_video.codec import VideoLatentCodec, codec_from_state
+
+    codec = VideoLatentCodec(folders / "wan", media_channels=1)
+    clips = ((video(5, channels=1) + 1) * 127.5).round().to(torch.uint8)
+    x0 = codec.encode(clips)
+    restored = codec_from_state(codec.state())
+    assert restored.vae.in_channels == 1
+    torch.testing.assert_close(restored.encode(clips), x0)
+    assert restored.decode(x0).shape == clips.shape
