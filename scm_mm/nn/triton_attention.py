@@ -161,6 +161,8 @@ def triton_unsupported(
         return f"q, k, v must share one dtype of {DTYPES}"
     if not q.shape[-1] == k.shape[-1] == v.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
         return f"q, k, v must share one head dim of at most {MAX_HEAD_DIM}"
+    if max(q.numel(), k.numel()) >= 2**31:
+        return "the kernel's offsets are int32: split the batch"
     if mask is not None and key_padding(mask, q.shape[0], k.shape[-2]) is None:
         return "only a key padding mask, broadcastable to (B, 1, 1, Nk), is fused"
     if tangent and torch.is_grad_enabled():
