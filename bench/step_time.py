@@ -13,7 +13,8 @@ gives medians and the ratios of medians. Targets (issue 2): sCT <= 1.6x, sCD <= 
 The paper's presets: the EDM2 ImageNet-64 S U-Net (280M) on 64x64x3 pixels, and the video DiT-S on
 the latent of 17 frames at 256x256 through a 16-channel 4x8x8 autoencoder (16x5x32x32, 1,280 tokens);
 --precision bf16 runs each under autocast, as the training loop does. On CUDA every step ends with a
-synchronisation, so the wall clock counts the GPU's work.
+synchronisation, so the wall clock counts the GPU's work, and the peak memory of each kind of step is
+printed too (issue 5 asks for the video preset's, with xformers as the forward attention).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.jvp import jvp
+from scm_mm.nn.attention import _triton_attention, _xformers_ops
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
 from scm_mm_image.presets import build_unet
@@ -88,10 +90,17 @@ def bench_net(name: str, batch: int, repeats: int, device: str, precision: str) 
     for kind in kinds:  # warm-up
         step(kind)
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    peak_gib: dict[str, float] = {}
     for _ in range(repeats):
         for kind in kinds:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             times[kind].append(timed(step, kind))
+            if device.startswith("cuda"):
+                peak_gib[kind] = torch.cuda.max_memory_allocated() / 2**30
     med = {k: statistics.median(v) for k, v in times.items()}
+    if peak_gib:
+        print(f"  {name} peak GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peak_gib.items()), flush=True)
     print(
         f"| {name} | {params / 1e6:.2f}M | {batch}x{'x'.join(map(str, shape))} | {med['teacher'] * 1e3:.0f} "
         f"| {med['sCT'] * 1e3:.0f} | {med['sCD'] * 1e3:.0f} | {med['sCT'] / med['teacher']:.2f} "
@@ -111,6 +120,9 @@ def main() -> None:
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.precision}")
+    if args.device == "cuda":  # what the attention dispatcher picks with and without a tangent
+        print(f"forward attention: {'xformers' if _xformers_ops() is not None else 'sdpa'}; "
+              f"with a tangent: {'triton' if _triton_attention() is not None else 'jvp (blockwise)'}")  # fmt: skip
     print(
         "| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher "
         "| forward ms (no grad) | JVP ms (no grad) |"
