@@ -213,3 +213,23 @@ def test_benchmark_script_runs(tmp_path):
     (row,) = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert set(row["ms"]) == {"flash forward", "fused forward", "fused", "blockwise", "math"}
     assert row["fused vs blockwise"] < 1e-5
+
+
+def test_auto_falls_back_once_when_the_kernel_fails(monkeypatch):
+    """A GPU or Triton version the kernel does not compile for: "auto" warns once, then stays blockwise."""
+    from scm_mm.nn import attention as dispatch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(triton_attention, "triton_attention", broken)
+    monkeypatch.setattr(dispatch, "_triton_failure", [])
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # "auto" takes it on CUDA only
+    q, k, v, tq, tk, tv = _inputs(1, 2, 8, 8, 16, F64)
+    ref = _reference(q, k, v, tq, tk, tv, None, False)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no kernel image"):
+        out = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.func.jvp(attention, (q, k, v), (tq, tk, tv))  # straight to the blockwise op: no second try
+    assert len(dispatch._triton_failure) == 1

@@ -15,6 +15,7 @@ zero tangent) in the "jvp" and "math" backends; what SDPA gives there depends on
 import contextlib
 import contextvars
 import functools
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -208,13 +209,30 @@ def _triton_attention() -> ModuleType | None:
     return triton_attention
 
 
+_triton_failure: list[str] = []  # why the kernel failed to compile or launch here, once it has
+
+
 def _triton_fits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     """Whether "auto" takes the fused Triton kernel for a call with a live tangent."""
     ops = _triton_attention()
-    if ops is None or not q.is_cuda:
+    if ops is None or not q.is_cuda or _triton_failure:
         return False
     primals = (forward_ad.unpack_dual(x).primal for x in (q, k, v))
     return ops.triton_unsupported(*primals, mask, tangent=True) is None
+
+
+def _fused_or_blockwise(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    """The Triton kernel for "auto". Its first failure to compile or launch (a GPU or Triton version it
+    was never built for) is reported once and leaves "auto" on `JVPAttention` for the process."""
+    try:
+        return _triton_attention().triton_attention(q, k, v, mask, scale)  # type: ignore[union-attr]
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:
+        _triton_failure.append(repr(error))
+        warnings.warn(f"the fused Triton JVP attention failed ({error!r}); using the blockwise JVP op from now on",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        return jvp_attention(q, k, v, mask, scale)
 
 
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
@@ -238,9 +256,11 @@ def attention(
     when installed and there is no mask; else `F.scaled_dot_product_attention`.
     """
     backend, live = _backend.get(), tangent_is_live(q, k, v)
+    if backend == "auto" and live and _triton_fits(q, k, v, mask):
+        return _fused_or_blockwise(q, k, v, mask, scale)
     if backend == "auto":
         if live:
-            backend = "triton" if _triton_fits(q, k, v, mask) else "jvp"
+            backend = "jvp"
         elif q.is_cuda and mask is None and _xformers_ops() is not None:
             backend = "xformers"
         else:
