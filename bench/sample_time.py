@@ -54,7 +54,9 @@ def build(args: argparse.Namespace) -> tuple[TrigFlowPrecond, torch.nn.Module | 
     return model, vae, shape
 
 
-def make_sampler(model: TrigFlowPrecond, vae, shape, args, seed: int = 0) -> tuple[Callable[[], torch.Tensor], dict]:
+def make_sampler(
+    model: TrigFlowPrecond, vae, shape, args, decode: bool, seed: int = 0
+) -> tuple[Callable[[], torch.Tensor], dict]:
     """A no-argument function running 2 steps (and decoding) on preallocated inputs, and those inputs."""
     device = torch.device(args.device)
     t_max, t_mid, _ = consistency_times(2, sigma_d=model.sigma_d)
@@ -78,7 +80,7 @@ def make_sampler(model: TrigFlowPrecond, vae, shape, args, seed: int = 0) -> tup
             x0 = model.denoise(inputs["noise"], inputs["t_max"], **cond)
             x_t = math.cos(t_mid) * x0 + math.sin(t_mid) * inputs["z"]
             x0 = model.denoise(x_t, inputs["t_mid"], **cond)
-            if vae is not None and args.decode:
+            if vae is not None and decode:
                 return vae.decode(x0 / 0.18215).sample  # SD's latent scale; the statistics do not matter here
             return x0
 
@@ -155,12 +157,10 @@ def main() -> None:
     print(f"{args.precision} autocast")
     print("| mode | decode | s per sample | compile s |")
     print("|---|---|---|---|")
-    args.decode = False
-    run, inputs = make_sampler(model, vae, shape, args)
+    run, inputs = make_sampler(model, vae, shape, args, decode=False)
     print(f"max |x0 - sample_consistency x0| = {check(model, run, inputs, seed=0):.2e}")
     for decode in [False, True] if vae is not None else [False]:
-        args.decode = decode
-        run, _ = make_sampler(model, vae, shape, args)
+        run, _ = make_sampler(model, vae, shape, args, decode)
         for mode in args.modes:
             compile_s = "-"
             if mode == "graph" and device.type != "cuda":
