@@ -1,6 +1,6 @@
 """Generate moving digits with a 2-step sCD model over video latents and write .mp4 files; offline, on a CPU.
 
-    python examples/generate_video.py                          # train once (about 20 minutes on 2 cores), then reuse
+    python examples/generate_video.py                          # train once (about 29 minutes on 2 cores), then reuse
     python examples/generate_video.py --checkpoint runs/digits_scd --out digits.mp4 --frames 17
 
 Without --checkpoint, it trains the library's recipe (configs/experiment/digits_vae.yaml, digits_teacher.yaml and
