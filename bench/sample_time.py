@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 from scm_mm import TrigFlowPrecond
+from scm_mm.metrics import median_seconds
 from scm_mm.samplers import consistency_times, sample_consistency
 from scm_mm_image.presets import build_unet
 
@@ -102,21 +102,6 @@ def check(model: TrigFlowPrecond, run: Callable[[], torch.Tensor], inputs: dict,
     return (run().float() - ref.float()).abs().max().item()
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def graphed(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """`run` captured in a CUDA graph (after warm-up on a side stream, as torch.cuda.graphs asks)."""
     stream = torch.cuda.Stream()
@@ -176,7 +161,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 compile_s = f"{time.perf_counter() - start:.1f}"
-            seconds = timed(fn, device, args.repeats) / args.batch
+            seconds = median_seconds(fn, args.repeats, warmup=3) / args.batch
             if mode == "compile":
                 model.net = original
             print(f"| {mode} | {'VAE' if decode else 'no'} | {seconds:.4f} | {compile_s} |", flush=True)

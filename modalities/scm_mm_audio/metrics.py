@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +28,7 @@ import scipy.signal
 import torch
 from torch import nn
 
-from scm_mm.metrics import FeatureStats, frechet_distance
+from scm_mm.metrics import FeatureStats, frechet_distance, median_seconds
 from scm_mm.metrics.classifier import extract_features, feature_scores, fit_classifier
 from scm_mm.train.checkpoint import load_module_folder, save_module_folder
 
@@ -308,11 +306,6 @@ def pitch_accuracy(
 # ------------------------------------------------------------------------------------------ speed
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def real_time_factor(
     fn: Callable[[], Any],   # produces audio_seconds of audio per call
     audio_seconds: float,    # seconds of audio one call produces (all clips of a batch together)
@@ -321,16 +314,7 @@ def real_time_factor(
 ) -> dict[str, float]:
     """{"rtf": wall_s / audio_seconds, "wall_s": median wall time of one call}. RTF 0.05 is 20x faster than
     real time. Pending CUDA work is synchronised before and after each timed call."""
-    if audio_seconds <= 0 or repeats < 1:
-        raise ValueError(f"need audio_seconds > 0 and repeats >= 1, got {audio_seconds}, {repeats}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _synchronize()
-        start = time.perf_counter()
-        fn()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    wall = statistics.median(times)
+    if audio_seconds <= 0:
+        raise ValueError(f"need audio_seconds > 0, got {audio_seconds}")
+    wall = median_seconds(fn, repeats, warmup)
     return {"rtf": wall / audio_seconds, "wall_s": wall}

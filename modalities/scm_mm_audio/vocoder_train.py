@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from scm_mm.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_into, writing_directory
+from scm_mm.train.checkpoint import checkpoint_name, load_into, prune_checkpoints, resume_source, writing_directory
 from scm_mm.train.step import apply_gradients
 
 from .mel import MelSpec, check_specs, log_mel
@@ -140,20 +139,6 @@ def random_crops(dataset: Any, count: int, samples: int, generator: torch.Genera
     return crops
 
 
-def _resolve_resume(options: VocoderOptions, run_dir: Path) -> Path | None:
-    if options.resume == "never":
-        return None
-    if options.resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(options.resume)
-    if (path / "state.pt").is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"resume={options.resume!r}: no checkpoint there (need checkpoints/iter-*/state.pt)")
-    return found
-
-
 def _load_checkpoint(ckpt: Path, vocoder: Vocos, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     config = read_vocoder_config(ckpt / "vocoder")
     check_specs(MelSpec.from_dict(config["spec"]), vocoder.spec, "mel settings of the checkpoint and the vocoder")
@@ -174,9 +159,7 @@ def _save_checkpoint(
     with writing_directory(final) as tmp:
         save_vocoder(vocoder, tmp / "vocoder")
         torch.save({**state, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last)
     return final
 
 
@@ -210,7 +193,7 @@ def train_vocoder(
     )
 
     it, skipped = 0, 0
-    source = _resolve_resume(options, run_dir)
+    source = resume_source(options.resume, run_dir, marker="state.pt")
     if source is not None:
         state = _load_checkpoint(source, vocoder, optimizer)
         it, skipped = state["iteration"], state["skipped"]

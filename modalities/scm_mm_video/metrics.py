@@ -20,7 +20,6 @@ never with published FVDs.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch.utils.data import Dataset
 
 from scm_mm.metrics.classifier import cached_classifier, extract_features, feature_scores
 from scm_mm.metrics.frechet import FeatureStats
+from scm_mm.metrics.timing import median_seconds
 from scm_mm.train.checkpoint import load_into, load_module_folder, save_module_folder
 
 # Cache folder names carry the recipe: bump it when an architecture or a training default changes, so a
@@ -412,11 +412,6 @@ def evaluate_video(
 # ------------------------------------------------------------------------------------------ speed
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def frames_per_second(
     fn: Callable[[], Any],   # generates (and decodes) frames_per_call frames per call
     frames_per_call: int,    # frames one call produces, all clips together
@@ -425,15 +420,6 @@ def frames_per_second(
 ) -> float:
     """frames_per_call / the median wall time of one call. Pending CUDA work is synchronised before and
     after each timed call, so the time includes it."""
-    if frames_per_call <= 0 or repeats < 1:
-        raise ValueError(f"need frames_per_call > 0 and repeats >= 1, got {frames_per_call}, {repeats}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _synchronize()
-        start = time.perf_counter()
-        fn()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return frames_per_call / statistics.median(times)
+    if frames_per_call <= 0:
+        raise ValueError(f"need frames_per_call > 0, got {frames_per_call}")
+    return frames_per_call / median_seconds(fn, repeats, warmup)

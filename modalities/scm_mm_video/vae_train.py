@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from scm_mm.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_into, writing_directory
+from scm_mm.train.checkpoint import checkpoint_name, load_into, prune_checkpoints, resume_source, writing_directory
 from scm_mm.train.step import apply_gradients
 
 from .autoencoder import VideoVAE, load_video_vae, save_video_vae
@@ -93,27 +92,13 @@ def vae_losses(vae: VideoVAE, video: torch.Tensor, options: VAEOptions, generato
     return {"loss": loss, "l1": l1, "motion_l1": motion, "kl_per_pixel": kl}
 
 
-def _resolve_resume(options: VAEOptions, run_dir: Path) -> Path | None:
-    if options.resume == "never":
-        return None
-    if options.resume == "auto":
-        return latest_checkpoint(run_dir)
-    found = latest_checkpoint(options.resume) if not (Path(options.resume) / "state.pt").is_file() else None
-    path = Path(options.resume) if found is None else found
-    if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"resume={options.resume!r}: no checkpoint there (need checkpoints/iter-*/state.pt)")
-    return path
-
-
 def _save_checkpoint(run_dir: Path, it: int, vae: VideoVAE, optimizer: torch.optim.Optimizer,
                      state: dict[str, Any], keep_last: int) -> Path:  # fmt: skip
     final = run_dir / "checkpoints" / checkpoint_name(it)
     with writing_directory(final) as tmp:
         save_video_vae(vae, tmp / "vae")
         torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last)
     return final
 
 
@@ -137,7 +122,7 @@ def train_video_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=options.lr, betas=options.betas,
                                   weight_decay=options.weight_decay)  # fmt: skip
     it = 0
-    source = _resolve_resume(options, run_dir)
+    source = resume_source(options.resume, run_dir, marker="state.pt")
     if source is not None:
         saved = load_video_vae(source / "vae")
         if saved.config != vae.config:

@@ -8,6 +8,7 @@ from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
 from .precision_recall import knn_radii, manifold_coverage, precision_recall
 from .sliced_wasserstein import sliced_wasserstein
+from .timing import median_seconds
 
 __all__ = [
     "FeatureStats",
@@ -15,6 +16,7 @@ __all__ = [
     "inception_score",
     "knn_radii",
     "manifold_coverage",
+    "median_seconds",
     "precision_recall",
     "sliced_wasserstein",
 ]

@@ -54,20 +54,38 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its latest checkpoint), a checkpoint directory, or a file inside one."""
+def resolve_checkpoint(path: str | Path, marker: str = "meta.json") -> Path:
+    """A run directory (its latest checkpoint), a checkpoint directory (it holds `marker`: meta.json for
+    the training loop's, state.pt for the autoencoder's and vocoder's), or a file inside one."""
     path = Path(path)
     if path.is_file():
         path = path.parent
-    if (path / "meta.json").is_file():
+    if (path / marker).is_file():
         return path
     latest = latest_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(
             f"no checkpoint at {path}: expected a run directory with {CHECKPOINT_DIR}/iter-*/ or a checkpoint "
-            "directory holding meta.json and model.safetensors"
+            f"directory holding {marker}"
         )
     return latest
+
+
+def resume_source(resume: str, run_dir: str | Path, marker: str = "meta.json") -> Path | None:
+    """The checkpoint a run restarts from: "auto" = the latest of run_dir (None in a new run), "never" =
+    None, anything else = a run or checkpoint path (see `resolve_checkpoint`)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return resolve_checkpoint(resume, marker)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints of a run; 0 keeps all."""
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def cpu_tensors(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -137,9 +155,7 @@ def save_checkpoint(
         for rank, rs in rank_states.items():
             torch.save(rs, tmp / f"rng-rank{rank}.pt")
         (tmp / "meta.json").write_text(json.dumps({**meta, "iteration": iteration}, indent=2, default=str))
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last)
     return final
 
 

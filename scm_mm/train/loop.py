@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ..jvp import unwrap
 from ..losses import DiffusionLoss, SCMLoss
 from ..precond import TrigFlowModel
-from .checkpoint import latest_checkpoint, load_state, load_weights, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_state, load_weights, resume_source, save_checkpoint
 from .distributed import DistInfo, Strategy, per_rank_batch, wrap_model
 from .ema import EMA, PowerEMA
 from .step import apply_gradients
@@ -237,11 +237,7 @@ def train(
 
     # Resume: weights, optimiser, averages, scaler, data position and each rank's random state.
     it, epoch, micro_in_epoch, skipped = 0, 0, 0, 0
-    source = None
-    if options.resume == "auto":
-        source = latest_checkpoint(run_dir)
-    elif options.resume != "never":
-        source = resolve_checkpoint(options.resume)
+    source = resume_source(options.resume, run_dir)
     if source is not None:
         state = load_state(source)
         weights: dict[str, Any] = dict(load_weights(source))
