@@ -12,7 +12,7 @@ from torch.func import jvp
 
 from scm_mm.nn.attention import attention_backend
 from scm_mm.nn.dit import GRID_AXES, PATCHIFY, UNPATCHIFY, DiT
-from scm_mm.nn.embeddings import ConditionEmbedding, PositionalEmbedding, sincos_grid_embedding
+from scm_mm.nn.embeddings import ConditionEmbedding, PositionalEmbedding, rope_axis_dims, sincos_grid_embedding
 from scm_mm.nn.mlp import MLP
 from scm_mm.nn.norm import AdaptiveDoubleNorm, pixel_norm
 from scm_mm.nn.unet import UNet
@@ -30,7 +30,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-CASES = ["mlp", "unet1d", "unet2d", "unet3d", "dit1d", "dit2d", "dit3d"]
+CASES = ["mlp", "unet1d", "unet2d", "unet3d", "dit1d", "dit2d", "dit3d", "dit1d-rope", "dit2d-factorized"]
+DIT_VARIANTS = {"": {}, "rope": {"pos_embed": "rope"}, "factorized": {"pos_embed": "rope", "attention": "factorized"}}
 ATTENTION_CASES = [c for c in CASES if c != "mlp"]
 
 
@@ -52,7 +53,8 @@ def make(case: str, **kw) -> tuple[torch.nn.Module, tuple[int, ...]]:
         return net, (B, 2, *{1: (8,), 2: (8, 8), 3: (4, 4, 4)}[dims])
     dims = int(case[3])
     patch = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}[dims]
-    net = DiT(2, patch_size=patch, hidden=24, depth=2, heads=2, noise_channels=16, **kw)
+    variant = DIT_VARIANTS[case[6:]]  # "dit2d-factorized" -> "factorized"
+    net = DiT(2, patch_size=patch, hidden=24, depth=2, heads=2, noise_channels=16, **variant, **kw)
     return net, (B, 2, *{1: (8,), 2: (4, 4), 3: (2, 4, 4)}[dims])
 
 
@@ -231,6 +233,19 @@ def test_dit_variable_length_and_cubic_patches() -> None:
     net = DiT(2, patch_size=(2, 2, 2), hidden=24, depth=1, heads=2, noise_channels=16)
     x, c = inputs((1, 2, 4, 2, 6))
     assert net(x, c).shape == x.shape
+
+
+def test_rope_split_and_attention_layouts_by_dims() -> None:
+    assert rope_axis_dims(64, 1) == (64,)
+    assert rope_axis_dims(64, 2) == (32, 32)
+    assert rope_axis_dims(66, 2) == (34, 32)  # the first axis takes the remainder, as Wan's time axis
+    with pytest.raises(ValueError, match="2-D RoPE needs an even head_dim >= 4"):
+        DiT(2, hidden=6, heads=2, pos_embed="rope")  # head_dim 3
+    with pytest.raises(ValueError, match="needs 2-D or 3-D patches"):
+        DiT(2, patch_size=(2,), attention="factorized")
+    net, shape = make("dit2d-factorized")
+    assert [block.group for block in net.blocks] == ["spatial", "temporal"]
+    assert net(*inputs(shape)).shape == shape
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])

@@ -42,6 +42,8 @@ from typing import Any
 
 from torch import nn
 
+from scm_mm.nn.dit import DiT
+
 from .dit import VideoDiT
 
 VIDEO_NET_PRESETS: dict[str, dict[str, Any]] = {
@@ -66,7 +68,7 @@ PARAM_COUNTS: dict[str, int] = {
     "video-dit-l": 456_900_672,
 }
 
-_VIDEO_DIT_KWARGS = frozenset(inspect.signature(VideoDiT.__init__).parameters) - {"self"}
+_VIDEO_DIT_KWARGS = frozenset(inspect.signature(DiT.__init__).parameters) - {"self"}  # VideoDiT passes them on
 
 
 def build_video_net(

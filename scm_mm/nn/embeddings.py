@@ -1,4 +1,4 @@
-"""Time, label, guidance and token-grid embeddings shared by every backbone.
+"""Time, label, guidance and token-grid (sin-cos and rotary) embeddings shared by every backbone.
 
 sCM §4.1: the time input is c_noise(t) = t (scaled by the wrapper: c_noise = 1000·t) and is embedded
 with sinusoidal *positional* embeddings, which behave like Fourier features of scale ≈ 0.02; large
@@ -168,3 +168,43 @@ def sincos_grid_embedding(
     if pad:
         emb = torch.cat([emb, emb.new_zeros(emb.shape[0], pad)], dim=1)
     return emb.to(dtype)
+
+
+def rope_axis_dims(head_dim: int, ndim: int = 3) -> tuple[int, ...]:
+    """Channels of one head given to each axis's rotation, Wan's 3-D split for any number of axes: every
+    axis after the first gets 2 (head_dim // (2 ndim)), the first the rest; (44, 42, 42) for 128 in 3-D."""
+    if head_dim % 2 or head_dim < 2 * ndim:
+        raise ValueError(f"{ndim}-D RoPE needs an even head_dim >= {2 * ndim} (hidden / heads), got {head_dim}")
+    rest = 2 * (head_dim // (2 * ndim))
+    return (head_dim - (ndim - 1) * rest, *([rest] * (ndim - 1)))
+
+
+def rope_angles(
+    grid: Sequence[int],  # token grid, e.g. (T', H', W')
+    head_dim: int,  # channels per head
+    theta: float = 10000.0,  # base of the frequencies, as RoFormer and Wan
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Rotary angles (prod(grid), head_dim // 2), float64, tokens in row-major ("(t h w)") order.
+
+    Channel pair i of an axis part of d channels turns by pos * theta^(-2i / d) (Wan's rope_params); the
+    pairs of the first axis come first. Attention scores of rotated q, k depend on relative offsets only.
+    """
+    coords = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.float64) for n in grid), indexing="ij")
+    parts = []
+    for pos, dim in zip(coords, rope_axis_dims(head_dim, len(grid)), strict=True):
+        freqs = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)  # (dim / 2,)
+        parts.append(pos.reshape(-1, 1) * freqs)
+    return torch.cat(parts, dim=1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (..., N, D) by the angles whose cos, sin are (N, D/2).
+
+    Real arithmetic (no complex view: bf16 has none, and it keeps torch.func.jvp on plain ops), in at
+    least float32; the result is in x's dtype.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, D/2) each
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x.dtype)

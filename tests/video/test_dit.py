@@ -16,8 +16,9 @@ import torch
 from torch.func import jvp
 
 from scm_mm.nn.attention import attention_backend, naive_attention
-from scm_mm.nn.dit import DiT
-from scm_mm_video.dit import RoPESelfAttention, VideoDiT, apply_rope, rope_angles, rope_axis_dims
+from scm_mm.nn.dit import DiT, SelfAttention
+from scm_mm.nn.embeddings import apply_rope, rope_angles, rope_axis_dims
+from scm_mm_video.dit import VideoDiT
 from scm_mm_video.presets import PARAM_COUNTS, VIDEO_NET_PRESETS, build_video_net, token_count
 
 B = 2
@@ -152,7 +153,7 @@ def test_factorized_groups_equal_masked_full_attention(group: str) -> None:
     same-position tokens. Checks the regrouping against a mask over the (t h w) token order."""
     torch.manual_seed(5)
     grid = (3, 2, 4)
-    attn = randomize(RoPESelfAttention(24, 2)).double()
+    attn = randomize(SelfAttention(24, 2)).double()
     x = torch.randn(B, math.prod(grid), 24, dtype=torch.float64)
     angles = rope_angles(grid, 12)
     rope = (angles.cos(), angles.sin())
@@ -163,16 +164,16 @@ def test_factorized_groups_equal_masked_full_attention(group: str) -> None:
     q, k, v = attn.qkv(x).unflatten(-1, (3, 2, 12)).permute(2, 0, 3, 1, 4)  # (B, heads, N, head_dim) each
     q, k = apply_rope(attn.q_norm(q), *rope), apply_rope(attn.k_norm(k), *rope)
     ref = attn.proj(naive_attention(q, k, v, mask).transpose(1, 2).flatten(2))
-    torch.testing.assert_close(attn(x, grid, rope, group), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attn(x, rope, group, grid), ref, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
 
 
 def test_rope_split_is_wans() -> None:
-    assert rope_axis_dims(128) == (44, 42, 42)  # video.md §4: Wan's 42/42 and the remainder
-    assert rope_axis_dims(64) == (24, 20, 20)
-    assert rope_axis_dims(12) == (4, 4, 4)
+    assert rope_axis_dims(128, 3) == (44, 42, 42)  # video.md §4: Wan's 42/42 and the remainder
+    assert rope_axis_dims(64, 3) == (24, 20, 20)
+    assert rope_axis_dims(12, 3) == (4, 4, 4)
     for bad in (5, 7, 4):
         with pytest.raises(ValueError, match="even head_dim >= 6"):
             rope_axis_dims(bad)
