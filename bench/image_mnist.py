@@ -98,15 +98,19 @@ def main() -> None:
                                 eval_every=args.eval_every, **common)  # fmt: skip
     modality = ImageModality()
 
+    def generate_and_score(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None):
+        """(images, seconds to generate and decode them, scores) for args.n class-balanced samples, seed 1."""
+        pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
+        t0 = time.perf_counter()
+        images = pipe.generate(args.n, steps=steps, method=method, seed=1, guidance=guidance, batch_size=250)
+        seconds = time.perf_counter() - t0
+        return images, seconds, evaluate_images(images, real_features, classifier, batch_size=500)
+
     def fid_curve(name: str, guidance: float | None) -> Callable[[TrigFlowPrecond, int], dict[str, float]]:
         """The training loop's evaluate hook: FID of 1- and 2-step samples of the EMA weights."""
 
         def hook(model: TrigFlowPrecond, it: int) -> dict[str, float]:
-            pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
-            fids = {}
-            for steps in (1, 2):
-                images = pipe.generate(args.n, steps=steps, seed=1, guidance=guidance, batch_size=250)
-                fids[f"fid{steps}"] = evaluate_images(images, real_features, classifier, batch_size=500)["fid"]
+            fids = {f"fid{n}": generate_and_score(model, "consistency", n, guidance)[2]["fid"] for n in (1, 2)}
             print(json.dumps({"model": name, "iteration": it, **fids}))
             return fids
 
@@ -128,11 +132,7 @@ def main() -> None:
 
     # 3. Evaluation: FID (classifier features), IS, precision/recall, sampling wall clock.
     def evaluate(name: str, model: TrigFlowPrecond, method: str, steps: int, nfe: int, guidance: float | None):
-        pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
-        t0 = time.perf_counter()
-        images = pipe.generate(args.n, steps=steps, method=method, seed=1, guidance=guidance, batch_size=250)
-        seconds = time.perf_counter() - t0
-        scores = evaluate_images(images, real_features, classifier, batch_size=500)
+        images, seconds, scores = generate_and_score(model, method, steps, guidance)
         row = {
             "model": name, "sampler": method, "steps": steps, "nfe": nfe, "seconds": seconds, "fid": scores["fid"],
             "is": scores["is_mean"], "precision": scores["precision"], "recall": scores["recall"],
