@@ -48,12 +48,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--student-iters", type=int, default=800)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--student-lr", type=float, default=1e-4)
+    p.add_argument("--student-lr-ref", type=int, default=0, help="students: EDM2 decay t_ref; 0 = constant lr")
     p.add_argument("--students", nargs="+", default=["scd", "sct"], help="which students to train and score")
     p.add_argument("--p-mean", type=float, default=-1.0, help="students' time proposal: log(sigma_d tan t) mean")
     p.add_argument("--p-std", type=float, default=1.4, help="... and standard deviation")
     p.add_argument("--guidance-max", type=float, default=2.0, help="sCD: teacher CFG scale s ~ U[1, this]")
     p.add_argument("--tag", default="", help="suffix of the students' run folders (out/scd<tag>), for variants")
     p.add_argument("--eval-every", type=int, default=0, help="students: FID at 1 and 2 steps every N iterations")
+    p.add_argument("--t-mid", type=float, nargs="+", default=[1.1], help="2-step samplers' middle time(s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 each for two runs side by side)")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     return p.parse_args()
@@ -63,7 +66,7 @@ def main() -> None:
     args = parse()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     data = MNIST(resolution=args.resolution)
@@ -94,15 +97,16 @@ def main() -> None:
     times = {"teacher_train_s": time.perf_counter() - t0}
 
     # 2. Students from the teacher's EMA: sCD (with the teacher) and sCT (data only).
-    student_opts = TrainOptions(iters=args.student_iters, lr=args.student_lr, ema_sigma_rels=(0.1,),
-                                eval_every=args.eval_every, **common)  # fmt: skip
+    student_opts = TrainOptions(iters=args.student_iters, lr=args.student_lr, lr_ref_iters=args.student_lr_ref,
+                                ema_sigma_rels=(0.1,), eval_every=args.eval_every, **common)  # fmt: skip
     modality = ImageModality()
 
-    def generate_and_score(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None):
+    def generate_and_score(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None, t_mid: float):
         """(images, seconds to generate and decode them, scores) for args.n class-balanced samples, seed 1."""
         pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
         t0 = time.perf_counter()
-        images = pipe.generate(args.n, steps=steps, method=method, seed=1, guidance=guidance, batch_size=250)
+        images = pipe.generate(args.n, steps=steps, method=method, seed=1, guidance=guidance, t_mid=t_mid,
+                               batch_size=250)  # fmt: skip
         seconds = time.perf_counter() - t0
         return images, seconds, evaluate_images(images, real_features, classifier, batch_size=500)
 
@@ -110,7 +114,8 @@ def main() -> None:
         """The training loop's evaluate hook: FID of 1- and 2-step samples of the EMA weights."""
 
         def hook(model: TrigFlowPrecond, it: int) -> dict[str, float]:
-            fids = {f"fid{n}": generate_and_score(model, "consistency", n, guidance)[2]["fid"] for n in (1, 2)}
+            fids = {f"fid{n}": generate_and_score(model, "consistency", n, guidance, args.t_mid[0])[2]["fid"]
+                    for n in (1, 2)}  # fmt: skip
             print(json.dumps({"model": name, "iteration": it, **fids}))
             return fids
 
@@ -131,10 +136,12 @@ def main() -> None:
         curves[name] = result.evaluations
 
     # 3. Evaluation: FID (classifier features), IS, precision/recall, sampling wall clock.
-    def evaluate(name: str, model: TrigFlowPrecond, method: str, steps: int, nfe: int, guidance: float | None):
-        images, seconds, scores = generate_and_score(model, method, steps, guidance)
+    def evaluate(name: str, model: TrigFlowPrecond, method: str, steps: int, nfe: int, guidance: float | None,
+                 t_mid: float = args.t_mid[0]):  # fmt: skip
+        images, seconds, scores = generate_and_score(model, method, steps, guidance, t_mid)
         row = {
             "model": name, "sampler": method, "steps": steps, "nfe": nfe, "seconds": seconds, "fid": scores["fid"],
+            **({"t_mid": t_mid} if method == "consistency" and steps == 2 else {}),
             "is": scores["is_mean"], "precision": scores["precision"], "recall": scores["recall"],
         }  # fmt: skip
         save_png(image_grid(images[:100], nrow=10), out / f"{name}_{method}_{steps}.png")
@@ -149,8 +156,9 @@ def main() -> None:
     for name in args.students:
         student, _ = load_model(out / f"{name}{args.tag}")
         guidance = 1.0 if name == "scd" else None
-        for steps in (1, 2):
-            rows.append(evaluate(f"{name}{args.tag}", student, "consistency", steps, steps, guidance))
+        rows.append(evaluate(f"{name}{args.tag}", student, "consistency", 1, 1, guidance))
+        for t_mid in args.t_mid:
+            rows.append(evaluate(f"{name}{args.tag}", student, "consistency", 2, 2, guidance, t_mid))
 
     teacher_rows = [r for r in rows if r["model"] == "teacher"]
     best = min(teacher_rows, key=lambda r: r["fid"])
@@ -161,7 +169,7 @@ def main() -> None:
         "train_seconds": times, "total_seconds": time.perf_counter() - t_start, "fid_during_training": curves,
         "args": vars(args), "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
-    scd2 = next((r for r in rows if r["model"] == f"scd{args.tag}" and r["steps"] == 2), None)
+    scd2 = next((r for r in rows if r["model"] == f"scd{args.tag}" and r.get("t_mid") == args.t_mid[0]), None)
     if scd2 is not None:
         summary["scd2_fid_over_teacher"] = scd2["fid"] / best["fid"]
         summary["teacher_plateau_time_over_scd2"] = plateau["seconds"] / scd2["seconds"]
@@ -169,7 +177,8 @@ def main() -> None:
     print(f"\n| model | sampler | steps | NFE | FID | IS | precision | recall | time for {args.n} (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['is']:.2f} | "
+        sampler = r["sampler"] + (f" (t_mid {r['t_mid']})" if "t_mid" in r else "")
+        print(f"| {r['model']} | {sampler} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['is']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.2f} |")
     print(json.dumps(summary, indent=2))
 

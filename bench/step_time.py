@@ -28,7 +28,7 @@ import torch
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.jvp import jvp
-from scm_mm.nn.attention import _triton_attention, _xformers_ops
+from scm_mm.nn.attention import auto_backends
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
 from scm_mm_image.presets import build_unet
@@ -121,8 +121,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.precision}")
     if args.device == "cuda":  # what the attention dispatcher picks with and without a tangent
-        print(f"forward attention: {'xformers' if _xformers_ops() is not None else 'sdpa'}; "
-              f"with a tangent: {'triton' if _triton_attention() is not None else 'jvp (blockwise)'}")  # fmt: skip
+        forward, tangent = auto_backends(args.device)
+        print(f"attention: {forward} without a tangent, {tangent} with one")
     print(
         "| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher "
         "| forward ms (no grad) | JVP ms (no grad) |"

@@ -12,6 +12,7 @@ from scm_mm.nn.attention import (
     JVPAttention,
     attention,
     attention_backend,
+    auto_backends,
     jvp_attention,
     naive_attention,
     tangent_is_live,
@@ -196,6 +197,7 @@ def test_auto_uses_jvp_attention_under_jvp_and_sdpa_otherwise(calls):
     _, t_ref = torch.func.jvp(lambda q: naive_attention(q, k, v), (q,), (q,))
     torch.testing.assert_close(t_out, t_ref)
     assert calls == {"forward": 2, "jvp": 2, "sdpa": 1}
+    assert auto_backends("cpu") == ("sdpa", "jvp")  # what it reports is what it used
 
 
 def test_forced_backends(calls):

@@ -235,6 +235,15 @@ def _fused_or_blockwise(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
         return jvp_attention(q, k, v, mask, scale)
 
 
+def auto_backends(device: str | torch.device) -> tuple[str, str]:
+    """The backends "auto" picks on `device` for an unmasked call: (without a tangent, with one); on CUDA
+    "triton" holds for the shapes the kernel takes (`triton_unsupported`), "jvp" for the others."""
+    cuda = torch.device(device).type == "cuda"
+    forward = "xformers" if cuda and _xformers_ops() is not None else "sdpa"
+    tangent = "triton" if cuda and _triton_attention() is not None and not _triton_failure else "jvp"
+    return forward, tangent
+
+
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     xops = _xformers_ops()
     if xops is None:
