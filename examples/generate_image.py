@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--out", default="digits.png")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale input of the sCD student")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale input of a CFG-distilled sCD student")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None, help="where the recipe's runs live")
     p.add_argument("--teacher-iters", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests

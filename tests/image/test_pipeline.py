@@ -34,8 +34,9 @@ def runs(tmp_path_factory):
     train.run(config("train", ["experiment=mnist_teacher", f"run_dir={teacher}", "train.iters=3",
                                "train.sample_every=3", *TINY]))  # fmt: skip
     student = root / "scd"
+    cfg_distilled = ["method.guidance_input=true", "method.loss.guidance_range=[1.0,2.0]"]  # the CFG-scale input
     train.run(config("train", ["experiment=mnist_scd", f"run_dir={student}", f"method.teacher={teacher}",
-                               "train.iters=2", *TINY]))  # fmt: skip
+                               "train.iters=2", *cfg_distilled, *TINY]))  # fmt: skip
     return root
 
 
@@ -90,7 +91,7 @@ def test_apps_find_their_configs_from_any_directory(tmp_path):
     app = [sys.executable, "-m", "scm_mm.app.train", "--cfg", "job", "--resolve"]
     cmd = [*app, "experiment=mnist_scd", "method.teacher=x"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert "name: mnist_scd" in out and "guidance_embed: true" in out
+    assert "name: mnist_scd" in out and "guidance_embed: false" in out
 
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "experiment").glob("*.yaml"))
