@@ -1,6 +1,6 @@
 """MNIST on a CPU: offline FID of the teacher at its best sampler and NFE, and of sCD and sCT at 1 and 2 steps.
 
-    python bench/image_mnist.py --out bench_out/mnist      # about 45 minutes on 2 cores; reruns reuse runs
+    python bench/image_mnist.py --out bench_out/mnist      # 32 minutes on 2 cores; reruns reuse runs
     python bench/image_mnist.py --out bench_out/mnist --students scd --tag _cfg --guidance-max 2 \
         --eval-every 125 --teacher-steps 32 --seeds 1   # a student variant beside the same teacher
 
@@ -10,7 +10,7 @@ teacher trains with the diffusion loss (batch 64, 2,000 iterations); sCD distils
 the data, both initialised from the teacher's EMA (App. G.2), at batch 128 for 1,000 iterations with
 Adam 1e-4 and EDM2's inverse-square-root decay (t_ref 125), the time proposal of SANA-Sprint
 (log-normal 0.2, 1.6) and, for sCD, the teacher without CFG (`--guidance-max 2` distils CFG at
-s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b gives the runs behind each choice.
+s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5c give the runs behind each choice.
 FID is computed in the feature space of a small classifier trained on the same digits (the SC09
 recipe), against all 5,000 real digits, with the same number of samples for every model, averaged
 over three seeds (one seed's FID moves by about 0.2 here); all samples are class-balanced and
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,7 @@ def parse() -> argparse.Namespace:
                    help="students' power-EMA sigma_rels (< 0.289), all scored; the first is the bench's")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 each for two runs side by side)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="final scores: the mean over these seeds")
+    p.add_argument("--speed-rounds", type=int, default=5, help="rounds of the side-by-side speed ratio")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     return p.parse_args()
@@ -196,6 +198,14 @@ def main() -> None:
     if scd2 is not None:
         summary["scd2_fid_over_teacher"] = scd2["fid"] / best["fid"]
         summary["teacher_plateau_time_over_scd2"] = plateau["seconds"] / scd2["seconds"]
+        # The speed target again, timed side by side (teacher at its plateau, then sCD at 2 steps, in
+        # rounds), so that the machine's drift hits both alike: the median of the per-round ratios.
+        student, _ = load_model(out / f"scd{args.tag}", scd2["ema"])
+        ratios = []
+        for _ in range(args.speed_rounds):
+            t_teacher = generate_and_score(teacher, plateau["sampler"], plateau["steps"], None, args.t_mid[0], 1)[1]
+            ratios.append(t_teacher / generate_and_score(student, "consistency", 2, 1.0, scd2["t_mid"], 1)[1])
+        summary["teacher_plateau_time_over_scd2_side_by_side"] = {"median": statistics.median(ratios), "rounds": ratios}
     (out / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     print(f"\n| model | sampler | steps | NFE | FID | IS | precision | recall | time for {args.n} (s) |")
     print("|---|---|---|---|---|---|---|---|---|")

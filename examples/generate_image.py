@@ -1,6 +1,6 @@
 """Generate MNIST digits with a 2-step sCD model and write a .png grid; offline, on a CPU.
 
-    python examples/generate_image.py                       # train once (about 15 minutes), then reuse
+    python examples/generate_image.py                       # train once (11 minutes on 2 cores), then reuse
     python examples/generate_image.py --checkpoint runs/mnist_scd --out digits.png --n 100
 
 Without --checkpoint, it trains the library's own recipe (configs/experiment/mnist_teacher.yaml and
