@@ -169,7 +169,9 @@ def test_griffin_lim_is_deterministic_and_batch_independent():
     vocoder = GriffinLim(spec, n_iter=8)
     both = vocoder(mel)
     torch.testing.assert_close(vocoder(mel), both, atol=0, rtol=0)
-    torch.testing.assert_close(vocoder(mel[1:]), both[1:], atol=1e-6, rtol=0)
+    # Batch size changes the FFTs' float32 rounding, which 8 nonlinear iterations grow to ~1e-5; a leak between
+    # clips would be of the signal's order.
+    torch.testing.assert_close(vocoder(mel[1:]), both[1:], atol=2e-5, rtol=0)
     assert (GriffinLim(spec, n_iter=8, seed=1)(mel) - both).abs().max() > 1e-3
     assert len(vocoder.state_dict()) == 0  # weight-free
 

@@ -119,7 +119,7 @@ def test_spec_from_hparams_null_fmax_is_librosa_full_band():
     spec = spec_from_hparams(BIGVGAN_V2_44K_512X)
     assert spec.fmax == 22050.0
     want = librosa.filters.mel(sr=44100, n_fft=2048, n_mels=128, fmin=0, fmax=None)  # BigVGAN meldataset.py
-    np.testing.assert_allclose(mel_filters(spec).T.numpy(), want, atol=1e-7)
+    np.testing.assert_allclose(mel_filters(spec).T.numpy(), want, atol=1e-7, rtol=1e-5)  # float32 against float64
 
 
 def test_spec_from_hparams_names_missing_fields():
