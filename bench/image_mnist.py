@@ -113,14 +113,18 @@ def main() -> None:
                                 eval_every=args.eval_every, **common)  # fmt: skip
     modality = ImageModality()
 
-    def generate_and_score(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None, t_mid: float,
-                           seed: int):  # fmt: skip
-        """(images, seconds to generate and decode them, scores) for args.n class-balanced samples."""
+    def generate(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None, t_mid: float, seed: int):
+        """(images, seconds to generate and decode them) for args.n class-balanced samples."""
         pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
         t0 = time.perf_counter()
         images = pipe.generate(args.n, steps=steps, method=method, seed=seed, guidance=guidance, t_mid=t_mid,
                                batch_size=250)  # fmt: skip
-        seconds = time.perf_counter() - t0
+        return images, time.perf_counter() - t0
+
+    def generate_and_score(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None, t_mid: float,
+                           seed: int):  # fmt: skip
+        """(images, seconds, scores): `generate`, then FID, IS and precision/recall."""
+        images, seconds = generate(model, method, steps, guidance, t_mid, seed)
         return images, seconds, evaluate_images(images, real_features, classifier, batch_size=500)
 
     def fid_curve(name: str, guidance: float | None) -> Callable[[TrigFlowPrecond, int], dict[str, float]]:
@@ -203,8 +207,8 @@ def main() -> None:
         student, _ = load_model(out / f"scd{args.tag}", scd2["ema"])
         ratios = []
         for _ in range(args.speed_rounds):
-            t_teacher = generate_and_score(teacher, plateau["sampler"], plateau["steps"], None, args.t_mid[0], 1)[1]
-            ratios.append(t_teacher / generate_and_score(student, "consistency", 2, 1.0, scd2["t_mid"], 1)[1])
+            t_teacher = generate(teacher, plateau["sampler"], plateau["steps"], None, args.t_mid[0], 1)[1]
+            ratios.append(t_teacher / generate(student, "consistency", 2, 1.0, scd2["t_mid"], 1)[1])
         summary["teacher_plateau_time_over_scd2_side_by_side"] = {"median": statistics.median(ratios), "rounds": ratios}
     (out / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     print(f"\n| model | sampler | steps | NFE | FID | IS | precision | recall | time for {args.n} (s) |")
