@@ -3,6 +3,7 @@ SDPA forward alone, the blockwise PyTorch JVP op and torch.func.jvp of math atte
 
     python bench/attention_triton.py                       # CUDA: lengths 1k-32k, head dims 64 and 128
     python bench/attention_triton.py --lengths 4096 --head-dims 64 --causal
+    python bench/attention_triton.py --tune --lengths 8192 # the kernel's block sizes, warps and stages
     TRITON_INTERPRET=1 python bench/attention_triton.py --device cpu --lengths 64 --head-dims 32 \\
         --heads 1 --repeats 1                              # a smoke run of the script itself
 
@@ -18,6 +19,7 @@ tangent) at most 2.5x "flash forward", memory linear in N. "fused vs blockwise" 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -103,6 +105,43 @@ def bench_shape(args: argparse.Namespace, n: int, head_dim: int) -> dict:
     return row
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) that --tune tries; the defaults are `_block_sizes`.
+TUNE_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2), (64, 128, 8, 2),
+                (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]  # fmt: skip
+
+
+def tune(args: argparse.Namespace) -> list[dict]:
+    """Median ms of output + tangent for each of TUNE_CONFIGS at the first --lengths, per head dim,
+    against the flash forward: what to put into `_block_sizes`."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    n, rows = args.lengths[0], []
+    print("| D | BLOCK_M | BLOCK_N | warps | stages | fused ms | fused / flash forward |")
+    print("|---|---|---|---|---|---|---|")
+
+    def median_ms(call: Callable[[], object]) -> float:
+        for _ in range(2):  # warm-ups: compilation
+            call()
+        return statistics.median(measure(call, device)[0] for _ in range(args.repeats)) * 1e3
+
+    for head_dim in args.head_dims:
+        g = torch.Generator(device).manual_seed(0)
+        shape = (args.batch, args.heads, n, head_dim)
+        q, k, v, tq, tk, tv = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(6))
+        with torch.no_grad():
+            flash_ms = median_ms(make_call("flash forward", q, k, v, tq, tk, tv, args.causal))
+            for bm, bn, warps, stages in TUNE_CONFIGS:
+                call = functools.partial(attention_jvp_fused, q, k, v, tq, tk, tv, causal=args.causal, block_m=bm,
+                                         block_n=bn, num_warps=warps, num_stages=stages)  # fmt: skip
+                try:
+                    ms = median_ms(call)
+                except Exception as error:  # a config that does not fit (shared memory, registers)
+                    print(f"| {head_dim} | {bm} | {bn} | {warps} | {stages} | {type(error).__name__} | - |")
+                    continue
+                rows.append({"head_dim": head_dim, "config": [bm, bn, warps, stages], "ms": ms, "flash ms": flash_ms})
+                print(f"| {head_dim} | {bm} | {bn} | {warps} | {stages} | {ms:.3g} | {ms / flash_ms:.2f} |", flush=True)
+    return rows
+
+
 def _cell(x) -> str:
     return x if isinstance(x, str) else "-" if x is None else f"{x:.3g}"
 
@@ -118,10 +157,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tune", action="store_true", help="time the kernel's block sizes at the first length")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, {args.dtype}, B={args.batch}, H={args.heads}, causal={args.causal}")
+    if args.tune:
+        rows = tune(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=1)
+        return
     methods = args.methods
     print("| N | D | " + " | ".join(f"{m} ms" for m in methods) + " | fused / flash forward | "
           + " | ".join(f"{m} MiB" for m in methods) + " | fused vs blockwise |")  # fmt: skip

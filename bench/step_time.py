@@ -40,6 +40,7 @@ NETS = {
     "dit": (lambda: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4), (4, 32, 32)),
     # The paper-scale presets, for a GPU.
     "imagenet64-S": (lambda: build_unet("imagenet64-S"), (3, 64, 64)),
+    "imagenet512-XXL": (lambda: build_unet("imagenet512-XXL"), (4, 64, 64)),  # 1.5B, on SD-VAE latents
     "video-dit-s": (lambda: build_video_net("video-dit-s", 16), (16, 5, 32, 32)),
 }
 

@@ -14,7 +14,8 @@ so a factorized row runs `batch * sequences` sequences of its length, and the ti
 rows of one clip compare directly (a factorized net alternates: half its blocks spatial, half temporal).
 Methods: "sdpa" F.scaled_dot_product_attention forward (what a plain pass runs); "jvp op"
 torch.func.jvp of scm_mm.nn.attention.jvp_attention (blockwise, App. F: forward + tangent); "math jvp"
-torch.func.jvp of naive_attention (softmax(q k^T) v, O(N^2) memory). Tangents on q, k and v. Time is the
+torch.func.jvp of naive_attention (softmax(q k^T) v, O(N^2) memory); on CUDA also "fused jvp", the Triton
+kernel (scm_mm.nn.triton_attention: output and tangent in one pass). Tangents on q, k and v. Time is the
 best of --repeats calls after one warm-up; on CUDA also the peak of torch.cuda.max_memory_allocated during
 one call, minus what was allocated before it (inputs and tangents excluded).
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from scm_mm.nn.attention import jvp_attention, naive_attention
 
 METHODS = ("sdpa", "jvp op", "math jvp")
+CUDA_METHODS = (*METHODS, "fused jvp")  # + the Triton kernel of scm_mm.nn.triton_attention
 
 # (preset/clip, layout, sequences per clip, tokens per sequence)
 ROWS: list[tuple[str, str, int, int]] = [("digits-dit 9f 32x32", "full", 1, 80)]
@@ -54,6 +56,10 @@ def make_call(method: str, shape: tuple[int, ...], device: str, dtype: torch.dty
     q, k, v, tq, tk, tv = (torch.randn(shape, device=device, dtype=dtype) for _ in range(6))
     if method == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v)
+    if method == "fused jvp":
+        from scm_mm.nn.triton_attention import triton_attention
+
+        return torch.no_grad()(lambda: torch.func.jvp(triton_attention, (q, k, v), (tq, tk, tv)))
     fn = functools.partial(jvp_attention, block_size=block) if method == "jvp op" else naive_attention
     return lambda: torch.func.jvp(fn, (q, k, v), (tq, tk, tv))
 
@@ -97,9 +103,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     cuda = args.device == "cuda"
-    head = "| clip | layout | seqs x tokens | " + " | ".join(f"{m} ms" for m in METHODS) + " | jvp op / sdpa |"
+    methods = CUDA_METHODS if cuda else METHODS
+    head = "| clip | layout | seqs x tokens | " + " | ".join(f"{m} ms" for m in methods) + " | jvp op / sdpa |"
     if cuda:
-        head += " " + " | ".join(f"{m} MiB" for m in METHODS) + " |"
+        head += " fused jvp / sdpa | " + " | ".join(f"{m} MiB" for m in methods) + " |"
     print(
         f"device {args.device}, {args.dtype}, batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, "
         f"JVP block {args.block_size}, threads {torch.get_num_threads()}, best of {args.repeats}\n"
@@ -111,11 +118,11 @@ def main() -> None:
             continue
         shape = (args.batch * seqs, args.heads, tokens, args.head_dim)
         results = [measure(make_call(m, shape, args.device, dtype, args.block_size), args.device, args.repeats)
-                   for m in METHODS]  # fmt: skip
+                   for m in methods]  # fmt: skip
         row = f"| {clip} | {layout} | {seqs} x {tokens} | " + " | ".join(f"{ms:.2f}" for ms, _ in results)
         row += f" | {results[1][0] / results[0][0]:.1f}x |"
         if cuda:
-            row += " " + " | ".join(f"{mib:.0f}" for _, mib in results) + " |"
+            row += f" {results[3][0] / results[0][0]:.1f}x | " + " | ".join(f"{mib:.0f}" for _, mib in results) + " |"
         print(row, flush=True)
 
 

@@ -222,6 +222,56 @@ def test_forced_xformers_without_xformers_is_a_clear_error():
         attention(q, k, v)
 
 
+class _FakeXformers:
+    """xformers.ops' memory_efficient_attention on the CPU: (B, N, H, D), one dtype, or a failure."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error, self.dtypes = error, []
+
+    def memory_efficient_attention(self, q, k, v, scale=None):
+        if self.error is not None:
+            raise self.error
+        assert q.dtype == k.dtype == v.dtype, "xformers takes one dtype"
+        self.dtypes.append(q.dtype)
+        return naive_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=scale).transpose(1, 2)
+
+
+@pytest.fixture
+def fake_cuda_xformers(monkeypatch):
+    """"auto" on a CUDA machine with xformers installed, simulated on the CPU."""
+    from scm_mm.nn import attention as dispatch
+
+    def install(ops: _FakeXformers) -> _FakeXformers:
+        monkeypatch.setattr(dispatch, "_xformers_ops", lambda: ops)
+        monkeypatch.setattr(dispatch, "_xformers_failure", [])
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        return ops
+
+    return install
+
+
+def test_auto_takes_xformers_in_the_autocast_dtype(fake_cuda_xformers):
+    ops = fake_cuda_xformers(_FakeXformers())
+    q, k, v = _qkv(dtype=torch.float32)
+    torch.testing.assert_close(attention(q, k, v), naive_attention(q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # q, k from an fp32 norm, v from a bf16 linear
+        out = attention(q, k, v.bfloat16())
+    torch.testing.assert_close(out.float(), naive_attention(q, k, v), rtol=0.05, atol=0.05)
+    assert ops.dtypes == [torch.float32, torch.bfloat16]
+
+
+def test_auto_falls_back_to_sdpa_once_when_xformers_fails(fake_cuda_xformers):
+    from scm_mm.nn import attention as dispatch
+
+    fake_cuda_xformers(_FakeXformers(NotImplementedError("no operator found for this device")))
+    q, k, v = _qkv()
+    with pytest.warns(RuntimeWarning, match="no operator found"):
+        torch.testing.assert_close(attention(q, k, v), naive_attention(q, k, v))
+    torch.testing.assert_close(attention(q, k, v), naive_attention(q, k, v))  # no second try, no warning
+    assert len(dispatch._xformers_failure) == 1
+    assert auto_backends("cuda")[0] == "sdpa"
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

@@ -191,12 +191,20 @@ def attention_backend(name: str) -> Iterator[None]:
 
 @functools.cache
 def _xformers_ops() -> ModuleType | None:
-    """xformers.ops if installed; imported on first use only (it is an optional dependency)."""
+    """xformers.ops if installed and importable; imported on first use only (an optional dependency).
+    A build that does not load against this torch is reported once and treated as absent."""
     try:
         import xformers.ops
     except ImportError:
         return None
+    except Exception as error:  # e.g. its compiled extension built for another torch
+        warnings.warn(f"xformers is installed but does not import ({error!r}); using SDPA", RuntimeWarning,
+                      stacklevel=2)  # fmt: skip
+        return None
     return xformers.ops
+
+
+_xformers_failure: list[str] = []  # why xformers' kernel failed to run here, once it has
 
 
 @functools.cache
@@ -239,7 +247,7 @@ def auto_backends(device: str | torch.device) -> tuple[str, str]:
     """The backends "auto" picks on `device` for an unmasked call: (without a tangent, with one); on CUDA
     "triton" holds for the shapes the kernel takes (`triton_unsupported`), "jvp" for the others."""
     cuda = torch.device(device).type == "cuda"
-    forward = "xformers" if cuda and _xformers_ops() is not None else "sdpa"
+    forward = "xformers" if cuda and _xformers_ops() is not None and not _xformers_failure else "sdpa"
     tangent = "triton" if cuda and _triton_attention() is not None and not _triton_failure else "jvp"
     return forward, tangent
 
@@ -248,9 +256,27 @@ def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) ->
     xops = _xformers_ops()
     if xops is None:
         raise RuntimeError("attention backend 'xformers' requested but xformers is not installed")
+    # xformers takes one dtype and is not autocast-aware (SDPA is): cast as autocast would.
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    else:
+        dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype))
     # xformers uses (B, N, H, D).
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     return xops.memory_efficient_attention(q, k, v, scale=scale).transpose(1, 2)
+
+
+def _xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    """xformers for "auto". Its first failure to run (no kernel for this GPU, dtype or head dim) is
+    reported once and leaves "auto" on SDPA for the process."""
+    try:
+        return _xformers_attention(q, k, v, scale)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:
+        _xformers_failure.append(repr(error))
+        warnings.warn(f"xformers attention failed ({error!r}); using SDPA from now on", RuntimeWarning, stacklevel=3)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def attention(
@@ -270,8 +296,8 @@ def attention(
     if backend == "auto":
         if live:
             backend = "jvp"
-        elif q.is_cuda and mask is None and _xformers_ops() is not None:
-            backend = "xformers"
+        elif q.is_cuda and mask is None and not _xformers_failure and _xformers_ops() is not None:
+            return _xformers_or_sdpa(q, k, v, scale)
         else:
             backend = "sdpa"
     if live and backend in ("sdpa", "xformers"):

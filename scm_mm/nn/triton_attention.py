@@ -205,13 +205,16 @@ def attention_jvp_fused(
     scale: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One launch of the kernel, no autograd: (O, tO or None, lse).
 
     q: (B, H, Nq, D), k, v: (B, H, Nk, D); tangents of the same shapes (a missing one is zero; with
     none, tO is None and the kernel is plain flash attention); key_mask: bool (B, Nk), True = attend.
-    O and tO (B, H, Nq, D) in the input dtype, lse (B, H, Nq) = logsumexp of the scaled scores in
-    the accumulator dtype (+inf on rows with no visible key).
+    Block sizes and warps default to `_block_sizes`. O and tO (B, H, Nq, D) in the input dtype, lse
+    (B, H, Nq) = logsumexp of the scaled scores in the accumulator dtype (+inf on rows with no
+    visible key).
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[-2]
@@ -227,8 +230,8 @@ def attention_jvp_fused(
     lse = torch.empty((batch, heads, n_q), dtype=acc_dtype, device=q.device)
     mask_arg = q.new_ones((1, 1), dtype=torch.uint8) if key_mask is None else key_mask.to(torch.uint8)
 
-    default_m, default_n, num_warps = _block_sizes(head_dim, q.device)
-    block_m, block_n = block_m or default_m, block_n or default_n
+    default_m, default_n, default_warps = _block_sizes(head_dim, q.device)
+    block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
     dot_dtype = _TL_DTYPES[q.dtype]
     if q.dtype == torch.bfloat16 and interpreting():  # the interpreter's bf16 tl.dot is wrong
         dot_dtype = tl.float32
@@ -250,7 +253,7 @@ def attention_jvp_fused(
         ACC_DTYPE=_TL_DTYPES[acc_dtype],
         PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
         num_warps=num_warps,
-        num_stages=2,
+        num_stages=num_stages,
     )  # fmt: skip
     return out, (t_out if has_tangent else None), lse
 

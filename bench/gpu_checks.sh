@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every GPU measurement the issues ask for, in one run (about 8 minutes on an H200), for a machine whose
+# python3 has torch, triton, numpy, einops, safetensors and tqdm but not this package:
+#
+#     OUT=gpu_out bash bench/gpu_checks.sh          # logs and JSON rows under $OUT
+#
+# The repository is put on PYTHONPATH as its packages (no install); wheels in .whl/ (xformers, diffusers,
+# av, ...) are installed to /tmp/site first if present. Each step has its own time limit, so one that
+# hangs or fails leaves the others' figures; the order is what matters most first.
+#   1. the CUDA tests of the attention dispatcher and the Triton kernel (issue 6)
+#   2. the kernel's block sizes at N = 8192 (--tune), then output + tangent vs flash SDPA forward at
+#      N 1k-32k, D 64 and 128, non-causal and causal (issue 6)
+#   3. sCT / sCD / teacher training steps, bf16: ImageNet-64 S, the video DiT-S preset (17 frames at
+#      256x256 through a 16-channel 4x8x8 latent; xformers forward when it loads), ImageNet-512 XXL
+#      (issues 2, 3, 5, 6)
+#   4. the JVP attention at the video presets' sequence lengths (issue 5)
+#   5. 2-step generation per 512x512 sample, ImageNet-512 XXL at batch 1: eager, CUDA graph, compile (issue 6)
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu.log"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+mkdir -p /tmp/scm_mm_pkgs
+for m in image audio video; do ln -sfn "$PWD/modalities/scm_mm_$m" "/tmp/scm_mm_pkgs/scm_mm_$m"; done
+ln -sfn "$PWD/configs" /tmp/scm_mm_pkgs/scm_mm_configs
+export PYTHONPATH=$PWD:/tmp/scm_mm_pkgs:$PYTHONPATH
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its output and how it ended
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$LOG"
+}
+
+step env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader;
+    python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)";
+    python3 -c "import xformers, xformers.ops; print(\"xformers\", xformers.__version__)";
+    python3 -c "from scm_mm.nn.attention import auto_backends; print(\"auto backends on cuda:\", auto_backends(\"cuda\"))"'
+step tests 120 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m "gpu or not slow" tests/test_triton_attention.py tests/test_attention.py
+step tune 60 python3 bench/attention_triton.py --tune --lengths 8192 --out "$OUT/tune.json"
+step kernel 120 python3 bench/attention_triton.py --out "$OUT/kernel.json"
+step kernel-causal 45 python3 bench/attention_triton.py --causal --lengths 4096 16384 --methods "flash forward" fused blockwise --out "$OUT/kernel_causal.json"
+step steps 100 python3 bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 16 --repeats 5
+step steps-xxl 80 python3 bench/step_time.py --nets imagenet512-XXL --precision bf16 --batch 8 --repeats 3
+step video-attention 40 python3 bench/video_attention.py --device cuda --batch 4 --heads 12 --dtype bfloat16 --repeats 5
+step sample 70 python3 bench/sample_time.py --modes eager graph --repeats 20
+step sample-compile 150 python3 bench/sample_time.py --modes compile --repeats 20
+echo "=== done $(date -u +%H:%M:%S)" | tee -a "$LOG"
