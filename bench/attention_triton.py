@@ -36,8 +36,10 @@ METHODS = ("flash forward", "fused forward", "fused", "blockwise", "math")
 
 
 def make_call(method: str, q, k, v, tq, tk, tv, causal: bool) -> Callable[[], object]:
-    if method == "flash forward":
-        backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
+    if method == "flash forward":  # flash takes fp16/bf16 only: fp32 gets the memory-efficient kernel
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        backends = [SDPBackend.FLASH_ATTENTION if half else SDPBackend.EFFICIENT_ATTENTION]
+        backends = backends if q.is_cuda else [SDPBackend.MATH]
         return lambda: _sdpa(q, k, v, causal, backends)
     if method == "fused forward":  # the kernel without a tangent: flash attention's own work
         return lambda: attention_jvp_fused(q, k, v, causal=causal)

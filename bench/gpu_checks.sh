@@ -3,6 +3,7 @@
 # python3 has torch, triton, numpy, einops, safetensors and tqdm but not this package:
 #
 #     OUT=gpu_out bash bench/gpu_checks.sh          # logs and JSON rows under $OUT
+#     OUT=gpu_out bash bench/gpu_checks.sh tests kernel   # only the steps named
 #
 # The repository is put on PYTHONPATH as its packages (no install); wheels in .whl/ (xformers, diffusers,
 # av, ...) are installed to /tmp/site first if present. Each step has its own time limit, so one that
@@ -12,7 +13,7 @@
 #      N 1k-32k, D 64 and 128, non-causal and causal (issue 6)
 #   3. sCT / sCD / teacher training steps, bf16: ImageNet-64 S, the video DiT-S preset (17 frames at
 #      256x256 through a 16-channel 4x8x8 latent; xformers forward when it loads), ImageNet-512 XXL
-#      (issues 2, 3, 5, 6)
+#      (issues 2, 3, 5, 6); the top operators of one JVP (profile); the video step at batch 64
 #   4. the JVP attention at the video presets' sequence lengths (issue 5)
 #   5. 2-step generation per 512x512 sample, ImageNet-512 XXL at batch 1: eager, CUDA graph, compile (issue 6)
 set -u
@@ -30,9 +31,11 @@ for m in image audio video; do ln -sfn "$PWD/modalities/scm_mm_$m" "/tmp/scm_mm_
 ln -sfn "$PWD/configs" /tmp/scm_mm_pkgs/scm_mm_configs
 export PYTHONPATH=$PWD:/tmp/scm_mm_pkgs:$PYTHONPATH
 
+ONLY=" $* "
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its output and how it ended
     local name=$1 limit=$2
     shift 2
+    if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
     echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
     local start=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -44,10 +47,12 @@ step env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --f
     python3 -c "import xformers, xformers.ops; print(\"xformers\", xformers.__version__)";
     python3 -c "from scm_mm.nn.attention import auto_backends; print(\"auto backends on cuda:\", auto_backends(\"cuda\"))"'
 step tests 120 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m "gpu or not slow" tests/test_triton_attention.py tests/test_attention.py
-step tune 60 python3 bench/attention_triton.py --tune --lengths 8192 --out "$OUT/tune.json"
+step tune 60 python3 bench/attention_triton.py --tune --lengths 8192 --head-dims 64 128 256 --out "$OUT/tune.json"
 step kernel 120 python3 bench/attention_triton.py --out "$OUT/kernel.json"
 step kernel-causal 45 python3 bench/attention_triton.py --causal --lengths 4096 16384 --methods "flash forward" fused blockwise --out "$OUT/kernel_causal.json"
 step steps 100 python3 bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 16 --repeats 5
+step profile 60 python3 bench/step_time.py --nets video-dit-s imagenet64-S --precision bf16 --batch 16 --repeats 2 --profile
+step steps-64 60 python3 bench/step_time.py --nets video-dit-s --precision bf16 --batch 64 --repeats 3
 step steps-xxl 80 python3 bench/step_time.py --nets imagenet512-XXL --precision bf16 --batch 8 --repeats 3
 step video-attention 40 python3 bench/video_attention.py --device cuda --batch 4 --heads 12 --dtype bfloat16 --repeats 5
 step sample 70 python3 bench/sample_time.py --modes eager graph --repeats 20

@@ -53,7 +53,9 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def bench_net(name: str, batch: int, repeats: int, device: str, precision: str) -> dict[str, float]:
+def bench_net(
+    name: str, batch: int, repeats: int, device: str, precision: str, profile: bool = False
+) -> dict[str, float]:
     build, shape = NETS[name]
     torch.manual_seed(0)
     student = TrigFlowPrecond(build()).to(device)
@@ -100,6 +102,14 @@ def bench_net(name: str, batch: int, repeats: int, device: str, precision: str) 
             if device.startswith("cuda"):
                 peak_gib[kind] = torch.cuda.max_memory_allocated() / 2**30
     med = {k: statistics.median(v) for k, v in times.items()}
+    if profile:  # where one JVP spends its time: the top operators by device (else CPU) time
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.startswith("cuda"):
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step("JVP")
+        sort = "device_time_total" if device.startswith("cuda") else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60), flush=True)
     if peak_gib:
         print(f"  {name} peak GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peak_gib.items()), flush=True)
     print(
@@ -118,6 +128,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="backbone autocast")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one JVP per net")
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.precision}")
@@ -130,7 +141,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.nets:
-        bench_net(name, args.batch, args.repeats, args.device, args.precision)
+        bench_net(name, args.batch, args.repeats, args.device, args.precision, args.profile)
 
 
 if __name__ == "__main__":

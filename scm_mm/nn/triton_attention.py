@@ -18,7 +18,7 @@ too; the tangent output is not differentiable, which is all sCM needs (the tange
 no-grad, Algorithm 1), so with a tangent it runs under `torch.no_grad()` only (`triton_unsupported`).
 
 Inputs are fp16, bf16 (fp32 accumulators, the P operands of the second matmuls rounded to the input
-dtype as in flash attention), fp32 (IEEE matmuls, no TF32) or fp64; head dims up to 256 (padded to a
+dtype as in flash attention), fp32 (IEEE matmuls, no TF32) or fp64 (interpreter only); head dims up to 256 (padded to a
 power of two); an optional key padding mask; non-causal or causal (query i sees keys j <= i, the top-left
 alignment of SDPA's `is_causal`). On a machine without CUDA the kernel runs in Triton's interpreter when
 `TRITON_INTERPRET=1` is set before this module is imported; that is how the CPU tests check it.
@@ -159,6 +159,10 @@ def triton_unsupported(
         return "q, k, v must be (B, H, N, D)"
     if q.dtype not in DTYPES or not q.dtype == k.dtype == v.dtype:
         return f"q, k, v must share one dtype of {DTYPES}"
+    if q.dtype == torch.float64 and q.is_cuda and not interpreting():
+        # Triton 3.6 fails to compile its fp64 matmuls on sm90 with a key mask ("fp64 don't support
+        # largeK MMA"), seen on an H200; fp64 is for exactness checks, which the interpreter runs.
+        return "float64 runs in the interpreter only; on CUDA the blockwise op takes it"
     if not q.shape[-1] == k.shape[-1] == v.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
         return f"q, k, v must share one head dim of at most {MAX_HEAD_DIM}"
     if max(q.numel(), k.numel()) >= 2**31:
@@ -182,15 +186,18 @@ def key_padding(mask: Tensor, batch: int, n_k: int) -> Tensor | None:
     return mask4.expand(batch, 1, 1, n_k)[:, 0, 0]
 
 
-def _block_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). Untuned guesses for GPUs: two fp32 (BLOCK_M, D) accumulators
-    live in registers, so the blocks shrink as D grows. 16 (the least tl.dot takes) in the
+def _block_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). On CUDA the fastest of `bench/attention_triton.py
+    --tune` for output + tangent at N = 8192, bf16, on an H200 (docs/benchmarks.md 9b); D > 128 is
+    a guess that leaves the shared memory of D = 128's. 16 (the least tl.dot takes) in the
     interpreter, where small blocks are fastest and exercise the multi-block paths."""
     if device.type != "cuda":
-        return 16, 16, 1
+        return 16, 16, 1, 1
     if head_dim <= 64:
-        return 64, 64, 4
-    return 64, 32, 8
+        return 64, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 2
+    return 64, 32, 4, 2
 
 
 def attention_jvp_fused(
@@ -206,13 +213,13 @@ def attention_jvp_fused(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One launch of the kernel, no autograd: (O, tO or None, lse).
 
     q: (B, H, Nq, D), k, v: (B, H, Nk, D); tangents of the same shapes (a missing one is zero; with
     none, tO is None and the kernel is plain flash attention); key_mask: bool (B, Nk), True = attend.
-    Block sizes and warps default to `_block_sizes`. O and tO (B, H, Nq, D) in the input dtype, lse
+    Block sizes, warps and stages default to `_block_sizes`. O and tO (B, H, Nq, D) in the input dtype, lse
     (B, H, Nq) = logsumexp of the scaled scores in the accumulator dtype (+inf on rows with no
     visible key).
     """
@@ -230,8 +237,9 @@ def attention_jvp_fused(
     lse = torch.empty((batch, heads, n_q), dtype=acc_dtype, device=q.device)
     mask_arg = q.new_ones((1, 1), dtype=torch.uint8) if key_mask is None else key_mask.to(torch.uint8)
 
-    default_m, default_n, default_warps = _block_sizes(head_dim, q.device)
-    block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
+    default_m, default_n, default_warps, default_stages = _block_sizes(head_dim, q.device)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     dot_dtype = _TL_DTYPES[q.dtype]
     if q.dtype == torch.bfloat16 and interpreting():  # the interpreter's bf16 tl.dot is wrong
         dot_dtype = tl.float32
