@@ -154,6 +154,9 @@ def main() -> None:
             if mode == "graph":
                 fn = graphed(run)
             elif mode == "compile":
+                # The U-Net's blocks share one forward at many channel counts: each is a recompile. At
+                # dynamo's default limit (8) the rest ran eager on an H200 (docs/benchmarks.md 9b).
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 original = model.net
                 model.net = torch.compile(original)
                 start = time.perf_counter()

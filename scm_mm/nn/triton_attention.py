@@ -186,18 +186,21 @@ def key_padding(mask: Tensor, batch: int, n_k: int) -> Tensor | None:
     return mask4.expand(batch, 1, 1, n_k)[:, 0, 0]
 
 
-def _block_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). On CUDA the fastest of `bench/attention_triton.py
-    --tune` for output + tangent at N = 8192, bf16, on an H200 (docs/benchmarks.md 9b); D > 128 is
-    a guess that leaves the shared memory of D = 128's. 16 (the least tl.dot takes) in the
-    interpreter, where small blocks are fastest and exercise the multi-block paths."""
+def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). For 2-byte inputs on CUDA, the fastest of
+    `bench/attention_triton.py --tune` for output + tangent at N = 8192, bf16, on an H200
+    (docs/benchmarks.md 9b). 4-byte inputs double the tiles in shared memory: at D = 128 the bf16
+    choice needs 289 KiB of the H200's 227, so they take the smaller blocks that compiled there; D > 128
+    in fp32 is a guess. 16 (the least tl.dot takes) in the interpreter, where small blocks are fastest
+    and exercise the multi-block paths."""
     if device.type != "cuda":
         return 16, 16, 1, 1
+    half = dtype in (torch.float16, torch.bfloat16)
     if head_dim <= 64:
         return 64, 64, 4, 3
     if head_dim <= 128:
-        return 128, 64, 8, 2
-    return 64, 32, 4, 2
+        return (128, 64, 8, 2) if half else (64, 32, 4, 2)
+    return (64, 32, 4, 2) if half else (32, 32, 4, 1)
 
 
 def attention_jvp_fused(
@@ -237,7 +240,7 @@ def attention_jvp_fused(
     lse = torch.empty((batch, heads, n_q), dtype=acc_dtype, device=q.device)
     mask_arg = q.new_ones((1, 1), dtype=torch.uint8) if key_mask is None else key_mask.to(torch.uint8)
 
-    default_m, default_n, default_warps, default_stages = _block_sizes(head_dim, q.device)
+    default_m, default_n, default_warps, default_stages = _block_sizes(head_dim, q.dtype, q.device)
     block_m, block_n = block_m or default_m, block_n or default_n
     num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     dot_dtype = _TL_DTYPES[q.dtype]
