@@ -3,13 +3,14 @@
     python bench/step_time.py                 # U-Net and DiT, CPU, a few minutes
     python bench/step_time.py --nets dit --batch 8 --repeats 10
     python bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 8   # GPU (issue 6)
+    python bench/step_time.py --nets video-dit-s --batch 1 --shape 16 5 8 8 --tangent-method jvp func_jvp
 
-Each step is forward + backward + Adam. The sCT step adds the JVP (torch.func.jvp of the student
-under no_grad) and its second forward (with grad); the sCD step adds the teacher's forward too. The
-no-grad forward and JVP alone are timed as well, to show where the time goes: the two-pass design
-costs at least (teacher step + JVP + forward) / teacher step. The three kinds of step are timed
-in rounds (teacher, sCT, sCD, forward, JVP, teacher, ...) so that machine noise hits all of them alike; the table
-gives medians and the ratios of medians. Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step.
+Each step is forward + backward + Adam. The sCT step adds the JVP (scm_mm.jvp of the student under
+no_grad; --tangent-method: dual tensors, torch.func.jvp, or both, one row each) and its second forward
+(with grad); the sCD step adds the teacher's forward too. The no-grad forward and JVP alone are timed as
+well, to show where the time goes: the two-pass design costs at least (teacher step + JVP + forward) /
+teacher step. All kinds of step are timed in rounds (teacher, forward, sCT, sCD, JVP, teacher, ...) so
+that machine noise hits all of them alike; the table gives medians and the ratios of medians. Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step.
 The paper's presets: the EDM2 ImageNet-64 S U-Net (280M) on 64x64x3 pixels, and the video DiT-S on
 the latent of 17 frames at 256x256 through a 16-channel 4x8x8 autoencoder (16x5x32x32, 1,280 tokens);
 --precision bf16 runs each under autocast, as the training loop does. On CUDA every step ends with a
@@ -23,6 +24,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -54,16 +56,26 @@ def timed(fn, *args) -> float:
 
 
 def bench_net(
-    name: str, batch: int, repeats: int, device: str, precision: str, profile: bool = False
+    name: str,
+    shape: Sequence[int] | None,  # one sample's (C, *dims); None: the net's own
+    batch: int,
+    repeats: int,
+    device: str,
+    precision: str,
+    tangent_methods: Sequence[str] = ("jvp",),
+    profile: bool = False,
 ) -> dict[str, float]:
-    build, shape = NETS[name]
+    """Median seconds of each kind of step; one table row per tangent method, all timed in the same rounds."""
+    build, default_shape = NETS[name]
+    shape = tuple(shape or default_shape)
     torch.manual_seed(0)
     student = TrigFlowPrecond(build()).to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     params = sum(p.numel() for p in student.net.parameters())
     opt = torch.optim.Adam(student.parameters(), lr=1e-5)
     x0 = torch.randn(batch, *shape, device=device) * 0.5
-    diffusion, scm = DiffusionLoss(), SCMLoss()
+    diffusion = DiffusionLoss()
+    scm = {method: SCMLoss(tangent_method=method) for method in tangent_methods}
 
     t = torch.rand(batch, device=device) * 1.4 + 0.1
     x_t, v = torch.randn_like(x0), torch.randn_like(x0)
@@ -71,53 +83,59 @@ def bench_net(
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    def step(kind: str) -> None:
+    def step(kind: str, method: str = "") -> None:
         if kind == "forward":  # the pieces, to show where an sCM step spends its time
             with torch.no_grad(), autocast:
                 student(x_t, t)
             return
         if kind == "JVP":
+            mode = "func" if method == "func_jvp" else "dual"
             with autocast:
-                jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)))
+                jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)), mode=mode)
             return
         with autocast:  # the forward passes; backward outside, as in the training loop
             if kind == "teacher":
                 loss, _ = diffusion(student, x0)
             else:
-                loss, _ = scm(student, x0, teacher=teacher if kind == "sCD" else None, step=10**6)
+                loss, _ = scm[method](student, x0, teacher=teacher if kind == "sCD" else None, step=10**6)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    kinds = ("teacher", "sCT", "sCD", "forward", "JVP")
+    kinds = [("teacher", ""), ("forward", "")]
+    kinds += [(kind, method) for method in tangent_methods for kind in ("sCT", "sCD", "JVP")]
     for kind in kinds:  # warm-up
-        step(kind)
-    times: dict[str, list[float]] = {k: [] for k in kinds}
+        step(*kind)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in kinds}
     peak_gib: dict[str, float] = {}
     for _ in range(repeats):
         for kind in kinds:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            times[kind].append(timed(step, kind))
+            times[kind].append(timed(step, *kind))
             if device.startswith("cuda"):
-                peak_gib[kind] = torch.cuda.max_memory_allocated() / 2**30
-    med = {k: statistics.median(v) for k, v in times.items()}
+                peak_gib[" ".join(kind).strip()] = torch.cuda.max_memory_allocated() / 2**30
+    med = {" ".join(k).strip(): statistics.median(v) for k, v in times.items()}
     if profile:  # where one JVP spends its time: the top operators by device (else CPU) time
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.startswith("cuda"):
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
-            step("JVP")
+            step("JVP", tangent_methods[0])
         sort = "device_time_total" if device.startswith("cuda") else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60), flush=True)
     if peak_gib:
         print(f"  {name} peak GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peak_gib.items()), flush=True)
-    print(
-        f"| {name} | {params / 1e6:.2f}M | {batch}x{'x'.join(map(str, shape))} | {med['teacher'] * 1e3:.0f} "
-        f"| {med['sCT'] * 1e3:.0f} | {med['sCD'] * 1e3:.0f} | {med['sCT'] / med['teacher']:.2f} "
-        f"| {med['sCD'] / med['teacher']:.2f} | {med['forward'] * 1e3:.0f} | {med['JVP'] * 1e3:.0f} |",
-        flush=True,
-    )
+    teacher_s = med["teacher"]
+    for method in tangent_methods:
+        label = name if len(tangent_methods) == 1 else f"{name}, {method}"
+        sct, scd, jvp_s = (med[f"{kind} {method}"] for kind in ("sCT", "sCD", "JVP"))
+        print(
+            f"| {label} | {params / 1e6:.2f}M | {batch}x{'x'.join(map(str, shape))} | {teacher_s * 1e3:.0f} "
+            f"| {sct * 1e3:.0f} | {scd * 1e3:.0f} | {sct / teacher_s:.2f} | {scd / teacher_s:.2f} "
+            f"| {med['forward'] * 1e3:.0f} | {jvp_s * 1e3:.0f} |",
+            flush=True,
+        )
     return med
 
 
@@ -125,10 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--shape", type=int, nargs="+", help="one sample's (C, *dims) for every net, e.g. 16 5 8 8")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="backbone autocast")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one JVP per net")
+    parser.add_argument("--tangent-method", nargs="+", default=["jvp"], choices=("jvp", "func_jvp"),
+                        help="SCMLoss's forward-mode front end: dual tensors, torch.func.jvp, or both")  # fmt: skip
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.precision}")
@@ -141,7 +162,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.nets:
-        bench_net(name, args.batch, args.repeats, args.device, args.precision, args.profile)
+        bench_net(name, args.shape, args.batch, args.repeats, args.device, args.precision, args.tangent_method,
+                  args.profile)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,18 +1,26 @@
-"""Tangents of a network: forward-mode AD with torch.func.jvp, or central finite differences.
+"""Tangents of a network: forward-mode AD, or central finite differences.
 
 The sCM tangent needs dF/dt along a direction (dx_t/dt, 1). It is a stop-gradient target (Algorithm 1),
 so it is computed under no_grad, and on the unwrapped module: torch.func.jvp does not go through
 DDP's or FSDP's hooks (pytorch #102197, #182641).
+
+Forward-mode AD runs the same rules (aten's, and the `jvp` of scm_mm's Functions) in either of two
+front ends: dual tensors of `torch.autograd.forward_ad` ("dual", the default) or `torch.func.jvp`
+("func"), whose functorch layer also wraps and unwraps every op. Where the JVP is bound by dispatch
+rather than arithmetic (on a GPU at training sizes one video DiT-S JVP issued 49 ms of GPU work in
+310 ms of host time), that layer is what "dual" saves: 1.5x on the CPU at a dispatch-bound size
+(docs/benchmarks.md 2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 Tensors = Sequence[torch.Tensor]
 
@@ -28,11 +36,26 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def jvp(fn: Callable[..., torch.Tensor], primals: Tensors, tangents: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fn(*primals), d/de fn(primals + e tangents) at e = 0) by forward-mode AD, without autograd graph."""
+def jvp(
+    fn: Callable[..., torch.Tensor],
+    primals: Tensors,
+    tangents: Tensors,
+    mode: Literal["dual", "func"] = "dual",  # forward_ad dual tensors, or torch.func.jvp (see the module doc)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(*primals), d/de fn(primals + e tangents) at e = 0) by forward-mode AD, without autograd graph.
+
+    fn returns one tensor; tensors it closes over (the module's parameters) are constants.
+    """
+    if mode not in ("dual", "func"):
+        raise ValueError(f"mode must be 'dual' or 'func', got {mode!r}")
     with torch.no_grad():
-        result = torch.func.jvp(fn, tuple(primals), tuple(tangents))
-    return result[0], result[1]
+        if mode == "func":
+            result = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+            return result[0], result[1]
+        with forward_ad.dual_level():
+            dual = forward_ad.unpack_dual(fn(*map(forward_ad.make_dual, primals, tangents)))
+            out, tangent = dual.primal, dual.tangent
+    return out, torch.zeros_like(out) if tangent is None else tangent  # None: fn ignores its inputs
 
 
 def finite_difference_jvp(

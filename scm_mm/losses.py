@@ -214,14 +214,17 @@ class SCMLoss:
         tangent_c: float = 0.1,         # c in g / (||g|| + c)
         warmup_iters: int = 10_000,     # H: r = min(1, step / H) (App. G.2); 0 disables warmup
         guidance_range: tuple[float, float] | None = (1.0, 2.0),  # sCD: s ~ U[lo, hi] for labelled batches
-        tangent_method: Literal["jvp", "finite_difference"] = "jvp",  # finite differences: a debug switch
+        tangent_method: Literal["jvp", "func_jvp", "finite_difference"] = "jvp",  # scm_mm.jvp's dual
+        #   tensors, or its torch.func.jvp; finite differences are a debug switch
         fd_step: float = 1e-3,          # step of the central difference, in units of the rearranged tangent
         loss_dtype: torch.dtype = torch.float32,  # fp32; fp64 for references
     ) -> None:
         if tangent_norm not in ("rms", "l2", "clip", "none"):
             raise ValueError(f"tangent_norm must be 'rms', 'l2', 'clip' or 'none', got {tangent_norm!r}")
-        if tangent_method not in ("jvp", "finite_difference"):
-            raise ValueError(f"tangent_method must be 'jvp' or 'finite_difference', got {tangent_method!r}")
+        if tangent_method not in ("jvp", "func_jvp", "finite_difference"):
+            raise ValueError(
+                f"tangent_method must be 'jvp', 'func_jvp' or 'finite_difference', got {tangent_method!r}"
+            )
         self.sigma_d = check_sigma_d(sigma_d)
         self.P_mean, self.P_std = P_mean, P_std
         self.tangent_norm, self.tangent_c = tangent_norm, tangent_c
@@ -274,8 +277,8 @@ class SCMLoss:
         def F_of(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
             return model(x, tt, **cond)
 
-        if self.tangent_method == "jvp":
-            F_minus, cs_dF_dt = jvp(F_of, primals, tangents)
+        if self.tangent_method in ("jvp", "func_jvp"):
+            F_minus, cs_dF_dt = jvp(F_of, primals, tangents, mode="dual" if self.tangent_method == "jvp" else "func")
         else:
             F_minus, cs_dF_dt = finite_difference_jvp(F_of, primals, tangents, self.fd_step)
         F_minus, cs_dF_dt = F_minus.to(self.loss_dtype), cs_dF_dt.to(self.loss_dtype)

@@ -130,11 +130,13 @@ def test_rearranged_jvp_equals_finite_difference_switch():
     x0, z, t = batch(gm)
     kw = dict(sigma_d=gm.sigma_d, loss_dtype=torch.float64)
     exact = SCMLoss(**kw).terms(student, x0, teacher=gm, t=t, z=z)
+    func = SCMLoss(tangent_method="func_jvp", **kw).terms(student, x0, teacher=gm, t=t, z=z)
     fd = SCMLoss(tangent_method="finite_difference", fd_step=1e-4, **kw).terms(student, x0, teacher=gm, t=t, z=z)
     torch.testing.assert_close(fd.g, exact.g, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(func.g, exact.g, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("method", ["jvp", "finite_difference"])
+@pytest.mark.parametrize("method", ["jvp", "func_jvp", "finite_difference"])
 def test_F_and_F_minus_share_dropout_masks(method):
     gm = make_mixture()
     student = make_student(dropout=0.5).train()
@@ -229,3 +231,14 @@ def test_optimizer_step_skips_nonfinite_loss_and_counts_nothing_into_weights():
     good = student(x, torch.full((4,), 0.5, dtype=torch.float64)).square().mean()
     assert optimizer_step(good, opt, student.parameters(), max_grad_norm=1.0) is True
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_jvp_of_a_function_that_ignores_its_inputs_is_zero():
+    from scm_mm.jvp import jvp
+
+    const = torch.ones(3)
+    for mode in ("dual", "func"):
+        out, tangent = jvp(lambda x: const * 2, (torch.zeros(3),), (torch.ones(3),), mode=mode)
+        assert torch.equal(out, const * 2) and torch.equal(tangent, torch.zeros(3))
+    with pytest.raises(ValueError, match="'dual' or 'func'"):
+        jvp(lambda x: x, (torch.zeros(3),), (torch.ones(3),), mode="forward")

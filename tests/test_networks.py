@@ -120,6 +120,27 @@ def test_jvp_matches_central_difference(case: str) -> None:
     torch.testing.assert_close(ty, fd, rtol=1e-6, atol=1e-6 * fd.abs().max().item())
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_dual_tensor_jvp_equals_func_jvp(case: str) -> None:
+    """scm_mm.jvp's two front ends run the same forward-mode rules: equal up to rounding in float64."""
+    from scm_mm.jvp import jvp as scm_jvp
+
+    torch.manual_seed(1)
+    net, shape = make(case, num_classes=5, guidance_embed=True)
+    net = randomize(net).double().eval()
+    x, c = inputs(shape, torch.float64)
+    tangents = (torch.randn_like(x), torch.randn_like(c))
+
+    def f(x, c):
+        return net(x, c, torch.tensor([3, -1]), torch.tensor([1.5, 1.0], dtype=torch.float64))
+
+    y, ty = scm_jvp(f, (x, c), tangents, mode="dual")
+    y_ref, ty_ref = scm_jvp(f, (x, c), tangents, mode="func")
+    assert ty.abs().max() > 1e-3 and not ty.requires_grad
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ty, ty_ref, rtol=1e-10, atol=1e-10 * ty_ref.abs().max().item())
+
+
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_jvp_default_attention_equals_math(case: str) -> None:
     torch.manual_seed(2)
@@ -357,3 +378,26 @@ def test_linear_jvp_and_backward_match_stock_linear() -> None:
         (x, ours.weight.detach().clone().requires_grad_(), ours.bias.detach().clone().requires_grad_()),
         check_forward_ad=True,
     )
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["dual", "func"])
+def test_no_grad_jvp_makes_no_zero_tangents_for_the_weights(layer: str, mode: str) -> None:
+    """Under no_grad the weights ride outside autograd's view: the same tangent as the stock layer's,
+    with no zeros_like of a weight or bias per call."""
+    from scm_mm.jvp import jvp as scm_jvp
+    from scm_mm.nn.layers import Conv2d, Linear
+
+    torch.manual_seed(4)
+    if layer == "linear":
+        ours, stock, x = Linear(6, 5).double(), torch.nn.Linear(6, 5).double(), torch.randn(3, 6, dtype=torch.float64)
+    else:
+        ours, stock = Conv2d(3, 4, 3, padding=1).double(), torch.nn.Conv2d(3, 4, 3, padding=1).double()
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    stock.load_state_dict(ours.state_dict())
+    tx = torch.randn_like(x)
+    with torch.profiler.profile() as prof:
+        y, ty = scm_jvp(ours, (x,), (tx,), mode=mode)
+    assert not [e for e in prof.events() if e.name == "aten::zeros_like"]
+    y_ref, ty_ref = scm_jvp(stock, (x,), (tx,), mode=mode)
+    torch.testing.assert_close((y, ty), (y_ref, ty_ref), rtol=1e-12, atol=1e-12)

@@ -6,6 +6,10 @@ multiply by it (torch 2.14): a profile of a U-Net JVP showed 150 convolution cal
 convolutions (62% of the JVP time) and 50 matmuls for 25 linears. While a tangent is live, these
 layers route to a Function that is told at dispatch which of weight and bias really carry a tangent,
 so its `jvp` computes only those terms; otherwise they are the stock layers. Backwards are aten's.
+
+A Function's tensor inputs without a tangent still get a zero tangent made for them (zeros_like of
+every weight and bias, per call, with dual tensors too), so under no_grad, where nothing needs their
+gradient either, weight and bias without a tangent ride in a tuple that autograd does not see.
 """
 
 from __future__ import annotations
@@ -22,19 +26,24 @@ class _ConvJVP(torch.autograd.Function):
     @staticmethod
     def forward(
         x: Tensor,
-        weight: Tensor,
+        weight: Tensor | None,  # None: in `const`
         bias: Tensor | None,
         stride: Any,
         padding: Any,
         dilation: Any,
         groups: int,
         live: tuple[bool, bool],  # whether weight and bias carry a tangent (zeros otherwise)
+        const: tuple[Tensor, Tensor | None] | None = None,  # (weight, bias) without tangent or gradient
     ) -> Tensor:
+        if const is not None:
+            weight, bias = const
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, stride, padding, dilation, groups, ctx.live = inputs
+        x, weight, bias, stride, padding, dilation, groups, ctx.live, const = inputs
+        if const is not None:
+            weight, bias = const
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
         ctx.bias_shape = None if bias is None else list(bias.shape)
@@ -64,7 +73,12 @@ class _ConvJVP(torch.autograd.Function):
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0] * len(stride), groups, mask
         )
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def _constants(weight: Tensor, bias: Tensor | None, live: tuple[bool, bool]) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) to pass outside autograd's view, or None when autograd must see them."""
+    return (weight, bias) if not any(live) and not torch.is_grad_enabled() else None
 
 
 class _JVPConvMixin:
@@ -79,7 +93,11 @@ class _JVPConvMixin:
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and tangent_is_live(input, weight):
             live = (tangent_is_live(weight), bias is not None and tangent_is_live(bias))
-            return _ConvJVP.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, live)
+            const = _constants(weight, bias, live)
+            args = (self.stride, self.padding, self.dilation, self.groups, live, const)
+            if const is not None:
+                return _ConvJVP.apply(input, None, None, *args)
+            return _ConvJVP.apply(input, weight, bias, *args)
         return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
 
 
@@ -100,12 +118,22 @@ CONV: dict[int, type[nn.Module]] = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 
 class _LinearJVP(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, live: tuple[bool, bool]) -> Tensor:
+    def forward(
+        x: Tensor,
+        weight: Tensor | None,  # None: in `const`
+        bias: Tensor | None,
+        live: tuple[bool, bool],  # whether weight and bias carry a tangent (zeros otherwise)
+        const: tuple[Tensor, Tensor | None] | None = None,  # (weight, bias) without tangent or gradient
+    ) -> Tensor:
+        weight, bias = const or (weight, bias)
+        assert weight is not None
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, ctx.live = inputs
+        x, weight, bias, ctx.live, const = inputs
+        if const is not None:
+            weight, bias = const
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
         ctx.has_bias, ctx.out_shape = bias is not None, output.shape
@@ -124,7 +152,7 @@ class _LinearJVP(torch.autograd.Function):
         gx = grad @ weight if ctx.needs_input_grad[0] else None
         gw = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 class Linear(nn.Linear):
@@ -133,5 +161,8 @@ class Linear(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if tangent_is_live(input, self.weight):
             live = (tangent_is_live(self.weight), self.bias is not None and tangent_is_live(self.bias))
+            const = _constants(self.weight, self.bias, live)
+            if const is not None:
+                return _LinearJVP.apply(input, None, None, live, const)
             return _LinearJVP.apply(input, self.weight, self.bias, live)
         return super().forward(input)
