@@ -10,10 +10,11 @@ no_grad; --tangent-method: dual tensors, torch.func.jvp, or both, one row each) 
 (with grad); the sCD step adds the teacher's forward too. The no-grad forward and JVP alone are timed as
 well, to show where the time goes: the two-pass design costs at least (teacher step + JVP + forward) /
 teacher step. All kinds of step are timed in rounds (teacher, forward, sCT, sCD, JVP, teacher, ...) so
-that machine noise hits all of them alike; the table gives medians and the ratios of medians. Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step.
-The paper's presets: the EDM2 ImageNet-64 S U-Net (280M) on 64x64x3 pixels, and the video DiT-S on
-the latent of 17 frames at 256x256 through a 16-channel 4x8x8 autoencoder (16x5x32x32, 1,280 tokens);
---precision bf16 runs each under autocast, as the training loop does. On CUDA every step ends with a
+that machine noise hits all of them alike; the table gives medians and the ratios of medians.
+Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step. The paper's presets: the EDM2 ImageNet-64 S
+U-Net (280M) on 64x64x3 pixels, and the video DiT-S on the latent of 17 frames at 256x256 through a
+16-channel 4x8x8 autoencoder (16x5x32x32, 1,280 tokens); --precision bf16 runs each under autocast, as the
+training loop does. On CUDA every step ends with a
 synchronisation, so the wall clock counts the GPU's work, and the peak memory of each kind of step is
 printed too (issue 5 asks for the video preset's, with xformers as the forward attention).
 """

@@ -2,6 +2,8 @@
 frames per second of the teacher at its best NFE and of sCD and sCT at 1 and 2 steps.
 
     python bench/video_digits.py --out bench_out/digits     # trains the recipe once; reruns reuse the runs
+    python bench/video_digits.py --out bench_out/digits --students scd --tag _nocfg --scd-overrides \
+        method.guidance_input=false method.loss.guidance_range=null      # another sCD beside the same teacher
 
 The runs are the library's recipe through the same code path as `scm-mm-train` (configs/experiment/
 digits_{vae,teacher,scd,sct}.yaml): 2,000 clips of two real MNIST digits of one class bouncing in 32x32 frames
@@ -55,6 +57,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--student-iters", type=int, default=None)
     p.add_argument("--students", nargs="+", default=["scd", "sct"], help="which students to train and score")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--scd-overrides", nargs="*", default=[],
+                   help="extra Hydra overrides of the sCD run, e.g. method.guidance_input=false "
+                        "method.loss.guidance_range=null (distil the teacher without CFG)")  # fmt: skip
+    p.add_argument("--tag", default="", help="suffix of the student runs and results: variants beside one teacher")
     return p.parse_args()
 
 
@@ -64,20 +70,22 @@ def train_runs(out: Path, args: argparse.Namespace) -> dict[str, float]:
     runs = [
         ("digits_vae", [], "method.trainer.options.iters", args.vae_iters),
         ("digits_teacher", [vae], "train.iters", args.teacher_iters),
-        ("digits_scd", [vae, f"method.teacher={out / 'digits_teacher'}"], "train.iters", args.student_iters),
+        ("digits_scd", [vae, f"method.teacher={out / 'digits_teacher'}", *args.scd_overrides], "train.iters",
+         args.student_iters),
         ("digits_sct", [vae, f"method.init_from={out / 'digits_teacher'}"], "train.iters", args.student_iters),
-    ]
+    ]  # fmt: skip
     seconds = {}
     runs = [run for run in runs if run[0].removeprefix("digits_") in ("vae", "teacher", *args.students)]
     for experiment, extra, iters_key, iters in runs:
-        overrides = [f"experiment={experiment}", f"run_dir={out / experiment}", "device=cpu", *extra]
+        run_dir = out / (experiment if experiment in ("digits_vae", "digits_teacher") else experiment + args.tag)
+        overrides = [f"experiment={experiment}", f"run_dir={run_dir}", "device=cpu", *extra]
         if iters is not None:
             overrides.append(f"{iters_key}={iters}")
         with initialize_config_module("scm_mm_configs", version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         t0 = time.perf_counter()
         train.run(cfg)
-        seconds[experiment] = time.perf_counter() - t0
+        seconds[run_dir.name] = time.perf_counter() - t0
     return seconds
 
 
@@ -132,6 +140,8 @@ def main() -> None:
 
     def generate(run: str, method: str, steps: int, guidance: float | None) -> tuple[torch.Tensor, float]:
         model = VideoSCM.load(out / run)
+        if not any(getattr(m, "guidance_embed", False) for m in model.model.modules()):
+            guidance = None  # a student distilled without CFG has no guidance input
         model.generate(10, steps=steps, method=method, labels=labels[:10], guidance=guidance, seed=0)  # warm-up
         t0 = time.perf_counter()
         clips = model.generate(args.n, steps=steps, method=method, labels=labels, guidance=guidance, seed=1,
@@ -143,13 +153,14 @@ def main() -> None:
             clips, seconds = generate("digits_teacher", method, steps, None)
             score("teacher", clips, seconds, sampler=method, steps=steps, nfe=nfe)
             write_frame_strip(clips.permute(0, 2, 3, 4, 1)[:10], out / f"teacher_{method}_{steps}.png")
-    for run, name, guidance in (("digits_scd", "scd", 1.0), ("digits_sct", "sct", None)):
+    for name, guidance in (("scd", 1.0), ("sct", None)):
         if name not in args.students:
             continue
         for steps in (1, 2):
-            clips, seconds = generate(run, "consistency", steps, guidance)
+            clips, seconds = generate(f"digits_{name}{args.tag}", "consistency", steps, guidance)
             score(name, clips, seconds, sampler="consistency", steps=steps, nfe=steps)
-            write_frame_strip(clips.permute(0, 2, 3, 4, 1)[:10], out / f"{name}_{steps}step.png")  # one row per class
+            strip = out / f"{name}{args.tag}_{steps}step.png"  # one row per class
+            write_frame_strip(clips.permute(0, 2, 3, 4, 1)[:10], strip)
 
     teacher_rows = [r for r in rows if r["model"] == "teacher"]
     best = min(teacher_rows, key=lambda r: r["fvd"])
@@ -162,7 +173,7 @@ def main() -> None:
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - t_start,
         "args": vars(args), "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
-    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    (out / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     print("\n| model | sampler | steps | NFE | FVD (3-D clf.) | frame FD | IS | precision | recall | frames/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
