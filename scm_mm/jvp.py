@@ -8,7 +8,7 @@ Forward-mode AD runs the same rules (aten's, and the `jvp` of scm_mm's Functions
 front ends: dual tensors of `torch.autograd.forward_ad` ("dual", the default) or `torch.func.jvp`
 ("func"), whose functorch layer also wraps and unwraps every op. Where the JVP is bound by dispatch
 rather than arithmetic (on a GPU at training sizes one video DiT-S JVP issued 49 ms of GPU work in
-310 ms of host time), that layer is what "dual" saves: 1.5x on the CPU at a dispatch-bound size
+310 ms of host time), that layer is what "dual" saves: 1.43x on the CPU at a dispatch-bound size
 (docs/benchmarks.md 2).
 """
 

@@ -125,7 +125,8 @@ class _LinearJVP(torch.autograd.Function):
         live: tuple[bool, bool],  # whether weight and bias carry a tangent (zeros otherwise)
         const: tuple[Tensor, Tensor | None] | None = None,  # (weight, bias) without tangent or gradient
     ) -> Tensor:
-        weight, bias = const or (weight, bias)
+        if const is not None:
+            weight, bias = const
         assert weight is not None
         return nn.functional.linear(x, weight, bias)
 

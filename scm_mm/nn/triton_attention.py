@@ -18,10 +18,11 @@ too; the tangent output is not differentiable, which is all sCM needs (the tange
 no-grad, Algorithm 1), so with a tangent it runs under `torch.no_grad()` only (`triton_unsupported`).
 
 Inputs are fp16, bf16 (fp32 accumulators, the P operands of the second matmuls rounded to the input
-dtype as in flash attention), fp32 (IEEE matmuls, no TF32) or fp64 (interpreter only); head dims up to 256 (padded to a
-power of two); an optional key padding mask; non-causal or causal (query i sees keys j <= i, the top-left
-alignment of SDPA's `is_causal`). On a machine without CUDA the kernel runs in Triton's interpreter when
-`TRITON_INTERPRET=1` is set before this module is imported; that is how the CPU tests check it.
+dtype as in flash attention), fp32 (IEEE matmuls, no TF32) or fp64 (interpreter only); head dims up to
+256 (padded to a power of two); an optional key padding mask; non-causal or causal (query i sees keys
+j <= i, the top-left alignment of SDPA's `is_causal`). On a machine without CUDA the kernel runs in
+Triton's interpreter when `TRITON_INTERPRET=1` is set before this module is imported; that is how the
+CPU tests check it.
 """
 
 import functools
@@ -222,9 +223,9 @@ def attention_jvp_fused(
 
     q: (B, H, Nq, D), k, v: (B, H, Nk, D); tangents of the same shapes (a missing one is zero; with
     none, tO is None and the kernel is plain flash attention); key_mask: bool (B, Nk), True = attend.
-    Block sizes, warps and stages default to `_block_sizes`. O and tO (B, H, Nq, D) in the input dtype, lse
-    (B, H, Nq) = logsumexp of the scaled scores in the accumulator dtype (+inf on rows with no
-    visible key).
+    Block sizes, warps and stages default to `_block_sizes`. O and tO (B, H, Nq, D) in the input
+    dtype, lse (B, H, Nq) = logsumexp of the scaled scores in the accumulator dtype (+inf on rows
+    with no visible key).
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[-2]
