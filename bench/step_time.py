@@ -142,7 +142,7 @@ def bench_net(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--nets", nargs="+", default=["unet", "dit"], choices=list(NETS))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--shape", type=int, nargs="+", help="one sample's (C, *dims) for every net, e.g. 16 5 8 8")
     parser.add_argument("--repeats", type=int, default=7)
