@@ -63,10 +63,12 @@ SHAPES = [  # (nq, nk, d, dv, block_size): one block, many blocks with a ragged 
 @pytest.mark.parametrize("nq,nk,d,dv,block_size", SHAPES)
 @pytest.mark.parametrize("mask_kind", ["none", "random", "padding", "empty_row"])
 @pytest.mark.parametrize("which", ["qkv", "q", "k", "v", "qv"])
-def test_jvp_matches_naive_float64(nq, nk, d, dv, block_size, mask_kind, which):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])  # no_grad: one block reuses P
+def test_jvp_matches_naive_float64(nq, nk, d, dv, block_size, mask_kind, which, grad):
     q, k, v = _qkv(nq=nq, nk=nk, d=d, dv=dv)
     mask = _mask(mask_kind, 2, nq, nk)
-    out, t_out = _jvp(jvp_attention, q, k, v, which, mask, block_size=block_size)
+    with torch.set_grad_enabled(grad):
+        out, t_out = _jvp(jvp_attention, q, k, v, which, mask, block_size=block_size)
     ref, t_ref = _jvp(naive_attention, q, k, v, which, mask)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(t_out, t_ref, rtol=0, atol=1e-10)
@@ -92,6 +94,20 @@ def test_dual_tensors_forward_ad():
             results.append(forward_ad.unpack_dual(fn(*duals)))
     torch.testing.assert_close(results[0].primal, results[1].primal, rtol=0, atol=1e-10)
     torch.testing.assert_close(results[0].tangent, results[1].tangent, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("grad,score_blocks", [(False, 1), (True, 2)])
+def test_one_key_block_without_grad_computes_scores_once(monkeypatch, grad, score_blocks):
+    """Without autograd the forward hands P to the tangent; with it, the tangent recomputes P (as backward)."""
+    from scm_mm.nn import attention as attention_module
+
+    calls, scores = [], attention_module._scores
+    monkeypatch.setattr(attention_module, "_scores", lambda *a: calls.append(1) or scores(*a))
+    q, k, v = _qkv(nk=10)
+    with torch.set_grad_enabled(grad), forward_ad.dual_level():
+        duals = [forward_ad.make_dual(x, torch.ones_like(x)) for x in (q, k, v)]
+        jvp_attention(*duals, block_size=16)
+    assert len(calls) == score_blocks
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "empty_row"])

@@ -47,19 +47,28 @@ def naive_attention(
 class JVPAttention(torch.autograd.Function):
     """Blockwise attention with a forward-mode rule (App. F) and the flash-attention backward.
 
-    `apply(q, k, v, mask, scale, block_size)` returns (O, L): O (B, H, Nq, Dv) in the input dtype
-    and the row log-sum-exp L (B, H, Nq, 1), non-differentiable. Keys and values are visited
-    `block_size` at a time with an online softmax, so the extra memory is (B, H, Nq, block_size)
-    rather than (B, H, Nq, Nk). Accumulators are fp32 for fp16/bf16 inputs. q, k, v share B and H.
-    Use `jvp_attention` for the output alone.
+    `apply(q, k, v, mask, scale, block_size, keep_probs)` returns (O, L, P): O (B, H, Nq, Dv) in the
+    input dtype, the row log-sum-exp L (B, H, Nq, 1) and, when `keep_probs` and the keys fit in one
+    block, the probabilities P (B, H, Nq, Nk) for `jvp` to reuse (else an empty tensor); L and P are
+    non-differentiable. Keys and values are visited `block_size` at a time with an online softmax, so
+    the extra memory is (B, H, Nq, block_size) rather than (B, H, Nq, Nk). Accumulators are fp32 for
+    fp16/bf16 inputs. q, k, v share B and H. Use `jvp_attention` for the output alone.
     """
 
     @staticmethod
     def forward(
-        q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, block_size: int
-    ) -> tuple[Tensor, Tensor]:
+        q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, block_size: int, keep_probs: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         acc = _acc_dtype(q)
         qs = q.to(acc) * scale  # scaling q (N, D) once is cheaper than each (N, block) of S
+        if k.shape[-2] <= block_size:  # one block: a plain softmax, no running statistics
+            s = _scores(qs, k, mask, 0, block_size)
+            # Rows that see no key: L = +inf, so P = exp(-inf) = 0 and O = 0 (as below).
+            lse = torch.logsumexp(s, -1, keepdim=True)
+            lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+            p = s.sub_(lse).exp_()
+            out = (p @ v.to(acc)).to(q.dtype)
+            return out, lse, p if keep_probs else p.new_empty(0)
         m = q.new_full((*q.shape[:-1], 1), float("-inf"), dtype=acc)  # running row max
         l = q.new_zeros(m.shape, dtype=acc)  # running sum of exp(S - m)
         o = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # running sum of exp(S - m) V
@@ -78,46 +87,48 @@ class JVPAttention(torch.autograd.Function):
         seen = l > 0
         out = (o / torch.where(seen, l, 1.0)).to(q.dtype)
         lse = torch.where(seen, m + torch.log(l), float("inf"))
-        return out, lse
+        return out, lse, o.new_empty(0)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-        q, k, v, mask, scale, block_size = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+        q, k, v, mask, scale, block_size, _ = inputs
+        out, lse, probs = output
+        ctx.mark_non_differentiable(lse, probs)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.save_for_forward(q, k, v, out, lse, mask)
+        ctx.save_for_forward(q, k, v, out, lse, mask, probs)
         ctx.scale, ctx.block_size = scale, block_size
 
     @staticmethod
     def jvp(
         ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, *_: None
-    ) -> tuple[Tensor, None]:
+    ) -> tuple[Tensor, None, None]:
         # App. F: with P = softmax(S), tS = scale (tq k^T + q tk^T) and mu = rowsum(P * tS),
         #   tO = (P * tS) V - mu O + P tV.
         # The paper fuses this into the forward pass; an autograd.Function runs `jvp` after
-        # `forward`, so P is recomputed here per key block from the saved L, as in `backward`.
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        # `forward`, so P is the forward's when it kept it (one key block, no autograd graph)
+        # and is otherwise recomputed per key block from the saved L, as in `backward`.
+        q, k, v, out, lse, mask, probs = ctx.saved_tensors
         acc, bs = _acc_dtype(q), ctx.block_size
-        qs, has_ts = q.to(acc) * ctx.scale, tq is not None or tk is not None
-        tqs = torch.zeros_like(qs) if tq is None else tq.to(acc) * ctx.scale
-        tk = torch.zeros_like(k) if tk is None else tk
-        a = torch.zeros_like(out, dtype=acc)  # sum_j P_ij tS_ij V_j
+        qs = q.to(acc) * ctx.scale
+        # tS = [tq, q] scale @ [k, tk]^T: both terms in one matmul over the concatenated head dims.
+        if tq is not None and tk is not None:
+            left, right = torch.cat([tq.to(acc) * ctx.scale, qs], -1), torch.cat([k, tk], -1)
+        else:
+            left, right = (qs, tk) if tq is None else (tq.to(acc) * ctx.scale, k)
+        a = torch.zeros_like(out, dtype=acc)  # sum_j P_ij (tS_ij V_j + tV_j)
         mu = torch.zeros_like(lse)  # sum_j P_ij tS_ij
-        c = torch.zeros_like(out, dtype=acc)  # sum_j P_ij tV_j
         for j in range(0, k.shape[-2], bs):
-            p = torch.exp(_scores(qs, k, mask, j, bs) - lse)  # masked keys: exp(-inf) = 0
-            if has_ts:
-                kj, tkj = (x[..., j : j + bs, :].to(acc).transpose(-1, -2) for x in (k, tk))
-                pts = p * (tqs @ kj + qs @ tkj)
-                a = a + pts @ v[..., j : j + bs, :].to(acc)
-                mu = mu + pts.sum(-1, keepdim=True)
+            p = probs if probs.numel() else torch.exp(_scores(qs, k, mask, j, bs) - lse)  # masked: exp(-inf) = 0
+            if right is not None:
+                pts = (left @ right[..., j : j + bs, :].to(acc).transpose(-1, -2)).mul_(p)
+                a += pts @ v[..., j : j + bs, :].to(acc)
+                mu += pts.sum(-1, keepdim=True)
             if tv is not None:
-                c = c + p @ tv[..., j : j + bs, :].to(acc)
-        return (a - mu * out.to(acc) + c).to(q.dtype), None
+                a += p @ tv[..., j : j + bs, :].to(acc)
+        return (a - mu * out.to(acc)).to(q.dtype), None, None
 
     @staticmethod
-    def backward(ctx: Any, d_out: Tensor, _d_lse: Tensor | None) -> tuple:
+    def backward(ctx: Any, d_out: Tensor, _d_lse: Tensor | None, _d_probs: Tensor | None) -> tuple:
         # Flash-attention backward: dS = P * (dP - Delta) with Delta = rowsum(dO * O), which
         # equals rowsum(P * dP), so no (Nq, Nk) matrix is ever held.
         q, k, v, out, lse, mask = ctx.saved_tensors
@@ -134,7 +145,7 @@ class JVPAttention(torch.autograd.Function):
                 dq = dq + ds @ k[..., j : j + bs, :].to(acc)
                 dk_blocks.append(ds.transpose(-1, -2) @ qs)
         dk, dv = torch.cat(dk_blocks, -2).to(k.dtype), torch.cat(dv_blocks, -2).to(v.dtype)
-        return (dq * ctx.scale).to(q.dtype), dk, dv, None, None, None
+        return (dq * ctx.scale).to(q.dtype), dk, dv, None, None, None, None
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -161,7 +172,8 @@ def jvp_attention(
     """The output of `JVPAttention`.
 
     q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) -> (B, H, Nq, Dv); `block_size` keys
-    per step bounds the extra memory at (B, H, Nq, block_size).
+    per step bounds the extra memory at (B, H, Nq, block_size). Without autograd, a single key block
+    hands its P from the forward to the tangent (alive only inside the call) instead of recomputing it.
     """
     if mask is not None:
         # Expand (a view) so that slicing a key block also works for a broadcast key dimension.
@@ -169,7 +181,7 @@ def jvp_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # Autocast would run the fp32 accumulations in half precision; `jvp` runs inside `apply` too.
     with torch.autocast(q.device.type, enabled=False):
-        return JVPAttention.apply(q, k, v, mask, scale, block_size)[0]
+        return JVPAttention.apply(q, k, v, mask, scale, block_size, not torch.is_grad_enabled())[0]
 
 
 def tangent_is_live(*tensors: Tensor) -> bool:
