@@ -111,10 +111,14 @@ class JVPAttention(torch.autograd.Function):
         acc, bs = _acc_dtype(q), ctx.block_size
         qs = q.to(acc) * ctx.scale
         # tS = [tq, q] scale @ [k, tk]^T: both terms in one matmul over the concatenated head dims.
-        if tq is not None and tk is not None:
-            left, right = torch.cat([tq.to(acc) * ctx.scale, qs], -1), torch.cat([k, tk], -1)
+        tqs = None if tq is None else tq.to(acc) * ctx.scale
+        right: Tensor | None
+        if tqs is not None and tk is not None:
+            left, right = torch.cat([tqs, qs], -1), torch.cat([k, tk], -1)
+        elif tqs is not None:
+            left, right = tqs, k
         else:
-            left, right = (qs, tk) if tq is None else (tq.to(acc) * ctx.scale, k)
+            left, right = qs, tk  # right is None when neither q nor k carries a tangent
         a = torch.zeros_like(out, dtype=acc)  # sum_j P_ij (tS_ij V_j + tV_j)
         mu = torch.zeros_like(lse)  # sum_j P_ij tS_ij
         for j in range(0, k.shape[-2], bs):
