@@ -220,6 +220,7 @@ def main() -> None:
     if scd2 is not None:
         summary["scd2_fid_over_teacher"] = scd2["fid"] / best["fid"]
         summary["teacher_plateau_time_over_scd2"] = plateau["seconds"] / scd2["seconds"]
+    if scd2 is not None and args.speed_rounds > 0:
         # The speed target again, timed side by side (teacher at its plateau, then sCD at 2 steps, in
         # rounds), so that the machine's drift hits both alike: the median of the per-round ratios.
         student, _ = load_model(out / f"scd{args.tag}", scd2["ema"])
