@@ -70,6 +70,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[4, 5, 6], help="final scores: the mean over these seeds")
     p.add_argument("--select-seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="seeds on which each student's EMA is chosen (2-step FID); not those reported")  # fmt: skip
+    p.add_argument("--train-seed", type=int, default=0, help="seed of the networks' init and of training (a replicate)")
     p.add_argument("--speed-rounds", type=int, default=5, help="rounds of the side-by-side speed ratio")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
@@ -99,11 +100,11 @@ def main() -> None:
 
     spec = {"net": unet_spec("mnist-tiny", num_classes=10), "precond": {"sigma_d": 0.5, "logvar_channels": 128}}
     student_spec = {**spec, "net": {**spec["net"], "guidance_embed": True}}
-    common = dict(log_every=50, ckpt_every=500, keep_last=1, ema="power", progress=True)
+    common = dict(log_every=50, ckpt_every=500, keep_last=1, ema="power", progress=True, seed=args.train_seed)
     meta = {"modality": "image", "codec": codec.state(), "sample_shape": list(dataset[0][0].shape), "num_classes": 10}
 
     # 1. The teacher: TrigFlow diffusion loss with EDM2 weighting, label dropout for CFG.
-    torch.manual_seed(0)
+    torch.manual_seed(args.train_seed)
     teacher_opts = TrainOptions(iters=args.teacher_iters, batch_size=args.batch, lr=2e-3, lr_ref_iters=1000,
                                 ema_sigma_rels=(0.1,), **common)  # fmt: skip
     t0 = time.perf_counter()
