@@ -41,6 +41,8 @@ NETS = {
     # A CIFAR-like pixel U-Net and a latent DiT, sized so one step takes about a second on 2 cores.
     "unet": (lambda: UNet(3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,)), (3, 32, 32)),
     "dit": (lambda: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4), (4, 32, 32)),
+    # The MNIST bench's net (bench/image_mnist.py; trained at batch 128 there).
+    "mnist-tiny": (lambda: build_unet("mnist-tiny"), (1, 16, 16)),
     # The paper-scale presets, for a GPU.
     "imagenet64-S": (lambda: build_unet("imagenet64-S"), (3, 64, 64)),
     "imagenet512-XXL": (lambda: build_unet("imagenet512-XXL"), (4, 64, 64)),  # 1.5B, on SD-VAE latents

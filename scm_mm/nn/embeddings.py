@@ -8,10 +8,12 @@ collapsed after a gradient spike was fixed by, among other things, an fp32 times
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from scm_mm.nn.attention import tangent_is_live
 from scm_mm.nn.layers import Linear
 
 
@@ -205,6 +207,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     least float32; the result is in x's dtype.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, D/2) each
     cos, sin = cos.to(dtype), sin.to(dtype)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x.dtype)
+    if tangent_is_live(x) and not tangent_is_live(cos, sin):
+        return _Rotate.apply(x.to(dtype), (cos, sin)).to(x.dtype)
+    return _rotate(x.to(dtype), cos, sin).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, D/2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class _Rotate(torch.autograd.Function):
+    """`_rotate` with constant angles as one op: its jvp rotates the tangent, its backward rotates back.
+
+    Stock forward-mode rules would give cos and sin ZeroTensor tangents, 8 slow products per call
+    (scm_mm.nn.norm's docstring); the angles ride in a tuple that autograd does not see.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return _rotate(x, *angles)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.angles = inputs[1]
+
+    @staticmethod
+    def jvp(ctx: Any, tx: torch.Tensor, *_: None) -> torch.Tensor:
+        return _rotate(tx, *ctx.angles)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        cos, sin = ctx.angles
+        return _rotate(grad, cos, -sin), None

@@ -7,20 +7,105 @@ break functorch transforms, pytorch #85533).
 - `GroupNorm`, `RMSNorm` (QK-normalisation): the torch layers computed in at least fp32. Both torch
   layers have forward-mode rules that match central differences to ~1e-10 in float64 (checked
   through the nets in tests/test_networks.py).
+
+While a tangent is live every normalisation here goes through `_Normalize` and, for a gain and bias
+without a tangent, `_ConstantAffine`: hand-written rules of a few ops each. The stock ones cost up to
+15x a forward (torch 2.14, 1 CPU thread: rms_norm with a gain 663 us against 37 us; group_norm 743
+against 49): an op that meets an input without a tangent (a parameter, a constant) builds a ZeroTensor
+tangent for it, and arithmetic on a ZeroTensor infers its result's shape through the Python reference
+of the op on the meta device, 130-450 us a call whatever the size (docs/benchmarks.md 2).
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from scm_mm.nn.attention import tangent_is_live
 from scm_mm.nn.layers import Linear
+
+
+class _Normalize(torch.autograd.Function):
+    """h = (x - mean) rstd (`center`) or x rstd (RMS) over the last dim, rstd = 1 / sqrt(mean(x_c²) + eps).
+
+    apply(x, center, eps) -> (h, rstd), rstd (..., 1) non-differentiable. The Jacobian is symmetric,
+    J = rstd (I - 11ᵀ/n - h hᵀ/n) (without 11ᵀ/n for RMS), so one projection is both jvp and backward.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, center: bool, eps: float) -> tuple[Tensor, Tensor]:
+        if center:  # one fused kernel that also returns the statistics
+            h, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+            return h, rstd
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        return x * rstd, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        ctx.center = inputs[1]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_forward(*output)
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def _project(ctx: Any, v: Tensor) -> Tensor:
+        # J v = rstd (v - mean(v)) - rstd mean(h v) h, in two passes over v's size.
+        h, rstd = ctx.saved_tensors
+        along_h = -rstd * torch.linalg.vecdot(h, v, dim=-1).unsqueeze(-1) / v.shape[-1]
+        out = torch.addcmul(-rstd * v.mean(-1, keepdim=True), v, rstd) if ctx.center else v * rstd
+        return out.addcmul_(h, along_h)
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor, *_: None) -> tuple[Tensor, None]:
+        return _Normalize._project(ctx, tx), None
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_rstd: Tensor | None) -> tuple[Tensor, None, None]:
+        return _Normalize._project(ctx, grad), None, None
+
+
+class _ConstantAffine(torch.autograd.Function):
+    """y = x ⊙ scale + shift for a scale and shift without tangent or gradient, whose forward-mode rule is
+    tx ⊙ scale alone. They ride in a tuple that autograd does not see (see scm_mm.nn.layers)."""
+
+    @staticmethod
+    def forward(x: Tensor, const: tuple[Tensor, Tensor | None]) -> Tensor:
+        scale, shift = const
+        return x * scale if shift is None else torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.scale = inputs[1][0]
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor, *_: None) -> Tensor:
+        return tx * ctx.scale
+
+
+def _normalize_live(x: Tensor, center: bool, eps: float, groups: int | None = None) -> Tensor:
+    """`_Normalize` over x's last dim, or for `groups`, over each of `groups` channel groups of x (B, C, *dims)."""
+    if groups is None:
+        return _Normalize.apply(x, center, eps)[0]
+    return _Normalize.apply(x.reshape(x.shape[0], groups, -1), center, eps)[0].reshape(x.shape)
+
+
+def _affine(h: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
+    """h ⊙ weight + bias with the parameters viewed as `shape`; `_ConstantAffine` for constants under a tangent."""
+    if weight is None:
+        return h if bias is None else h + bias.reshape(shape)
+    weight, bias = weight.reshape(shape), None if bias is None else bias.reshape(shape)
+    params = [weight] if bias is None else [weight, bias]
+    if tangent_is_live(h) and not torch.is_grad_enabled() and not tangent_is_live(*params):
+        return _ConstantAffine.apply(h, (weight, bias))
+    return h * weight if bias is None else torch.addcmul(bias, h, weight)
 
 
 def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """PixelNorm: x / sqrt(mean(x², dim) + eps). Shape preserved; computed in at least float32."""
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    if tangent_is_live(x):
+        return _normalize_live(x32.movedim(dim, -1), False, eps).movedim(-1, dim).to(x.dtype)
     return (x32 * torch.rsqrt(x32.square().mean(dim=dim, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -49,6 +134,9 @@ class GroupNorm(nn.GroupNorm):
         dtype = _norm_dtype(x)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
+        if tangent_is_live(x):
+            h = _normalize_live(x.to(dtype), True, self.eps, self.num_groups)
+            return _affine(h, weight, bias, [1, -1] + [1] * (x.ndim - 2)).to(x.dtype)
         return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
@@ -62,6 +150,9 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _norm_dtype(x)
         weight = None if self.weight is None else self.weight.to(dtype)
+        if tangent_is_live(x) and len(self.normalized_shape) == 1:
+            eps = torch.finfo(dtype).eps if self.eps is None else self.eps  # nn.RMSNorm's default
+            return _affine(_normalize_live(x.to(dtype), False, eps), weight, None, [-1]).to(x.dtype)
         return F.rms_norm(x.to(dtype), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
@@ -104,14 +195,20 @@ class AdaptiveDoubleNorm(nn.Module):
                 f"AdaptiveDoubleNorm expects {self.num_channels} channels on dim {cdim}, got shape {tuple(x.shape)}"
             )
         # Statistics and modulation in at least fp32 (STYLE 5); the result returns to x's dtype.
-        h = x.to(_norm_dtype(x))
+        h, live = x.to(_norm_dtype(x)), tangent_is_live(x)
         if self.norm == "group":
             h = h.movedim(-1, 1) if self.channels_last else h
-            h = F.group_norm(h, self.groups, eps=self.eps)
+            if live:
+                h = _normalize_live(h, True, self.eps, self.groups)
+            else:
+                h = F.group_norm(h, self.groups, eps=self.eps)
             h = h.movedim(1, -1) if self.channels_last else h
         else:
             h = h if self.channels_last else h.movedim(1, -1)
-            h = F.layer_norm(h, (self.num_channels,), eps=self.eps)
+            if live:
+                h = _normalize_live(h, True, self.eps)
+            else:
+                h = F.layer_norm(h, (self.num_channels,), eps=self.eps)
             h = h if self.channels_last else h.movedim(-1, 1)
 
         scale, shift = self.affine(emb).chunk(2, dim=1)  # (B, C) each
