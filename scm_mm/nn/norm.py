@@ -91,9 +91,10 @@ def _normalize_live(x: Tensor, center: bool, eps: float, groups: int | None = No
 
 
 def _affine(h: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
-    """h ⊙ weight + bias with the parameters viewed as `shape`; `_ConstantAffine` for constants under a tangent."""
+    """h ⊙ weight + bias with the parameters viewed as `shape` (no weight: no bias either, as torch's norms);
+    `_ConstantAffine` for constants under a tangent."""
     if weight is None:
-        return h if bias is None else h + bias.reshape(shape)
+        return h
     weight, bias = weight.reshape(shape), None if bias is None else bias.reshape(shape)
     params = [weight] if bias is None else [weight, bias]
     if tangent_is_live(h) and not torch.is_grad_enabled() and not tangent_is_live(*params):
