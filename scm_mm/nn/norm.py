@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scm_mm.nn.attention import tangent_is_live
-from scm_mm.nn.layers import Linear
+from scm_mm.nn.layers import Linear, _constants
 
 
 class _Normalize(torch.autograd.Function):
@@ -96,9 +96,9 @@ def _affine(h: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[i
     if weight is None:
         return h
     weight, bias = weight.reshape(shape), None if bias is None else bias.reshape(shape)
-    params = [weight] if bias is None else [weight, bias]
-    if tangent_is_live(h) and not torch.is_grad_enabled() and not tangent_is_live(*params):
-        return _ConstantAffine.apply(h, (weight, bias))
+    const = _constants(weight, bias, (tangent_is_live(weight), bias is not None and tangent_is_live(bias)))
+    if const is not None and tangent_is_live(h):
+        return _ConstantAffine.apply(h, const)
     return h * weight if bias is None else torch.addcmul(bias, h, weight)
 
 
@@ -199,17 +199,11 @@ class AdaptiveDoubleNorm(nn.Module):
         h, live = x.to(_norm_dtype(x)), tangent_is_live(x)
         if self.norm == "group":
             h = h.movedim(-1, 1) if self.channels_last else h
-            if live:
-                h = _normalize_live(h, True, self.eps, self.groups)
-            else:
-                h = F.group_norm(h, self.groups, eps=self.eps)
+            h = _normalize_live(h, True, self.eps, self.groups) if live else F.group_norm(h, self.groups, eps=self.eps)
             h = h.movedim(1, -1) if self.channels_last else h
         else:
             h = h if self.channels_last else h.movedim(1, -1)
-            if live:
-                h = _normalize_live(h, True, self.eps)
-            else:
-                h = F.layer_norm(h, (self.num_channels,), eps=self.eps)
+            h = _normalize_live(h, True, self.eps) if live else F.layer_norm(h, (self.num_channels,), eps=self.eps)
             h = h if self.channels_last else h.movedim(-1, 1)
 
         scale, shift = self.affine(emb).chunk(2, dim=1)  # (B, C) each
