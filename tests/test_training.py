@@ -90,6 +90,10 @@ def test_learning_rate_schedule_and_batch_split():
     assert learning_rate(o, 5) == pytest.approx(5e-3)
     assert learning_rate(o, 100) == pytest.approx(1e-2)
     assert learning_rate(o, 400) == pytest.approx(5e-3)  # 1 / sqrt(400 / 100)
+    cool = TrainOptions(iters=1000, lr=1e-2, lr_ref_iters=100, lr_cooldown_iters=200)
+    assert learning_rate(cool, 800) == pytest.approx(1e-2 / 8**0.5)  # the cool-down starts here
+    assert learning_rate(cool, 900) == pytest.approx(0.5 * 1e-2 / 9**0.5)
+    assert learning_rate(cool, 999) == pytest.approx(1e-2 / 999**0.5 * 10 / 200)  # the last step: 1/200
     assert per_rank_batch(64, 2, 4) == 8
     with pytest.raises(ValueError, match="multiple of 12"):
         per_rank_batch(64, 3, 4)

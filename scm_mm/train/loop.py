@@ -59,6 +59,7 @@ class TrainOptions:
     lr: float = 1e-4                     # reference learning rate
     lr_ref_iters: int = 0                # EDM2 decay lr / sqrt(max(it / t_ref, 1)); 0 = constant (App. G)
     lr_rampup_iters: int = 0             # linear warmup of the learning rate
+    lr_cooldown_iters: int = 0           # linear decay to zero over the last iterations of `iters`
     betas: tuple[float, float] = (0.9, 0.99)  # App. G: Adam beta = (0.9, 0.99)
     eps: float = 1e-11                   # App. G: Adam eps 1e-11 (RAdam on CIFAR-10: 1e-8)
     weight_decay: float = 0.0
@@ -89,12 +90,15 @@ class TrainResult:
 
 
 def learning_rate(options: TrainOptions, it: int) -> float:
-    """EDM2's schedule: inverse square-root decay after t_ref, with an optional linear ramp-up."""
+    """EDM2's schedule: inverse square-root decay after t_ref, with an optional linear ramp-up, and an
+    optional linear cool-down that ends at zero after the last iteration."""
     lr = options.lr
     if options.lr_ref_iters > 0:
         lr /= math.sqrt(max(it / options.lr_ref_iters, 1.0))
     if options.lr_rampup_iters > 0:
         lr *= min(it / options.lr_rampup_iters, 1.0)
+    if options.lr_cooldown_iters > 0:
+        lr *= min((options.iters - it) / options.lr_cooldown_iters, 1.0)
     return lr
 
 
