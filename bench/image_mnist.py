@@ -10,7 +10,8 @@ teacher trains with the diffusion loss (batch 64, 2,000 iterations); sCD distils
 the data, both initialised from the teacher's EMA (App. G.2), at batch 128 for 1,500 iterations with
 Adam 1e-4 and EDM2's inverse-square-root decay (t_ref 125), the time proposal of SANA-Sprint
 (log-normal 0.2, 1.6) and, for sCD, the teacher without CFG (`--guidance-max 2` distils CFG at
-s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5c give the runs behind each choice.
+s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5d give the runs behind each choice;
+5f, the variants that did not help (`--student-cooldown`, `--student-clip`).
 FID is computed in the feature space of a small classifier trained on the same digits (the SC09
 recipe), against all 5,000 real digits, with the same number of samples for every model, averaged
 over three seeds (one seed's FID moves by about 0.2 here); all samples are class-balanced and
