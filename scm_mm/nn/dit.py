@@ -146,8 +146,8 @@ class DiTBlock(nn.Module):
         grid: Sequence[int] = (),
     ) -> torch.Tensor:
         gate_attn, gate_mlp = self.gates(emb)[:, None, :].chunk(2, dim=-1)  # (B, 1, hidden) each
-        x = x + gate_attn * self.attn(self.norm1(x, emb), rope, self.group, grid)
-        return x + gate_mlp * self.mlp(self.norm2(x, emb))
+        x = torch.addcmul(x, gate_attn, self.attn(self.norm1(x, emb), rope, self.group, grid))
+        return torch.addcmul(x, gate_mlp, self.mlp(self.norm2(x, emb)))
 
     def extra_repr(self) -> str:
         return f"group={self.group!r}"

@@ -207,15 +207,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     least float32; the result is in x's dtype.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = cos.to(dtype), sin.to(dtype)
+    rotation = _rotation(cos.to(dtype), sin.to(dtype))
     if tangent_is_live(x) and not tangent_is_live(cos, sin):
-        return _Rotate.apply(x.to(dtype), (cos, sin)).to(x.dtype)
-    return _rotate(x.to(dtype), cos, sin).to(x.dtype)
+        return _Rotate.apply(x.to(dtype), rotation).to(x.dtype)
+    return _rotate(x.to(dtype), *rotation).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, D/2) each
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos (N, D/2, 1), (-sin, sin) (N, D/2, 2)): the angles laid out for `_rotate`."""
+    return cos.unsqueeze(-1), torch.stack([-sin, sin], dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) per channel pair as pairs cos + swapped pairs (-sin, sin):
+    three kernels (a JVP is dispatch-bound on a GPU; docs/benchmarks.md 2)."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., N, D/2, 2)
+    return torch.addcmul(pairs * cos, pairs.flip(-1), signed_sin).flatten(-2)
 
 
 class _Rotate(torch.autograd.Function):
@@ -226,18 +233,18 @@ class _Rotate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return _rotate(x, *angles)
+    def forward(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return _rotate(x, *rotation)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.angles = inputs[1]
+        ctx.rotation = inputs[1]
 
     @staticmethod
     def jvp(ctx: Any, tx: torch.Tensor, *_: None) -> torch.Tensor:
-        return _rotate(tx, *ctx.angles)
+        return _rotate(tx, *ctx.rotation)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        cos, sin = ctx.angles
-        return _rotate(grad, cos, -sin), None
+        cos, signed_sin = ctx.rotation
+        return _rotate(grad, cos, -signed_sin), None
