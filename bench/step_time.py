@@ -4,6 +4,7 @@
     python bench/step_time.py --nets dit --batch 8 --repeats 10
     python bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 8   # GPU (issue 6)
     python bench/step_time.py --nets video-dit-s --batch 1 --shape 16 5 8 8 --tangent-method jvp func_jvp
+    python bench/step_time.py --nets video-dit-s --batch 1 --shape 16 5 8 8 --count-kernels   # no timing
 
 Each step is forward + backward + Adam. The sCT step adds the JVP (scm_mm.jvp of the student under
 no_grad; --tangent-method: dual tensors, torch.func.jvp, or both, one row each) and its second forward
@@ -17,6 +18,10 @@ U-Net (280M) on 64x64x3 pixels, and the video DiT-S on the latent of 17 frames a
 training loop does. On CUDA every step ends with a
 synchronisation, so the wall clock counts the GPU's work, and the peak memory of each kind of step is
 printed too (issue 5 asks for the video preset's, with xformers as the forward attention).
+
+--count-kernels counts, instead of timing, the kernels one no-grad forward and one JVP launch (aten ops that
+write memory: not views, not metadata queries), the same on any device: where the JVP is bound by dispatch
+(on a GPU at training sizes; docs/benchmarks.md 2) its time follows this count, not the arithmetic.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.jvp import jvp
@@ -58,6 +65,34 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+class KernelCount(TorchDispatchMode):
+    """Counts the aten ops that launch work: in-place ones and those that return fresh memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        inputs = {_address(a) for a in pytree.tree_leaves((args, kwargs))}
+        fresh = [o for o in map(_address, pytree.tree_leaves(out)) if o is not None and o not in inputs]
+        self.count += bool(func._schema.is_mutable or fresh)
+        return out
+
+
+def _address(x: object) -> int | None:
+    """A tensor's memory (None for a ZeroTensor, which has none, and for non-tensors)."""
+    if not torch.is_tensor(x) or x._is_zerotensor():
+        return None
+    return x.untyped_storage().data_ptr()
+
+
+def kernels(fn: Callable[..., None], *args: str) -> int:
+    with KernelCount() as counter:
+        fn(*args)
+    return counter.count
+
+
 def bench_net(
     name: str,
     shape: Sequence[int] | None,  # one sample's (C, *dims); None: the net's own
@@ -67,8 +102,10 @@ def bench_net(
     precision: str,
     tangent_methods: Sequence[str] = ("jvp",),
     profile: bool = False,
+    count_kernels: bool = False,
 ) -> dict[str, float]:
-    """Median seconds of each kind of step; one table row per tangent method, all timed in the same rounds."""
+    """Median seconds of each kind of step; one table row per tangent method, all timed in the same rounds.
+    With count_kernels, the kernels of one forward and one JVP per method, untimed."""
     build, default_shape = NETS[name]
     shape = tuple(shape or default_shape)
     torch.manual_seed(0)
@@ -107,6 +144,14 @@ def bench_net(
 
     kinds = [("teacher", ""), ("forward", "")]
     kinds += [(kind, method) for method in tangent_methods for kind in ("sCT", "sCD", "JVP")]
+    if count_kernels:  # each counted after one uncounted call
+        step("forward")
+        forward = kernels(step, "forward")
+        for method in tangent_methods:
+            step("JVP", method)
+            n = kernels(step, "JVP", method)
+            print(f"{name} ({method}, {precision}): forward {forward} kernels, JVP {n} ({n / forward:.2f}x)")
+        return {}
     for kind in kinds:  # warm-up
         step(*kind)
     times: dict[tuple[str, str], list[float]] = {k: [] for k in kinds}
@@ -151,6 +196,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="backbone autocast")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one JVP per net")
+    parser.add_argument("--count-kernels", action="store_true", help="kernels of a forward and a JVP, untimed")
     parser.add_argument("--tangent-method", nargs="+", default=["jvp"], choices=("jvp", "func_jvp"),
                         help="SCMLoss's forward-mode front end: dual tensors, torch.func.jvp, or both")  # fmt: skip
     args = parser.parse_args()
@@ -159,14 +205,15 @@ def main() -> None:
     if args.device == "cuda":  # what the attention dispatcher picks with and without a tangent
         forward, tangent = auto_backends(args.device)
         print(f"attention: {forward} without a tangent, {tangent} with one")
-    print(
-        "| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher "
-        "| forward ms (no grad) | JVP ms (no grad) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if not args.count_kernels:
+        print(
+            "| net | params | batch | teacher ms | sCT ms | sCD ms | sCT / teacher | sCD / teacher "
+            "| forward ms (no grad) | JVP ms (no grad) |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.nets:
         bench_net(name, args.shape, args.batch, args.repeats, args.device, args.precision, args.tangent_method,
-                  args.profile)  # fmt: skip
+                  args.profile, args.count_kernels)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -498,3 +498,20 @@ def test_rope_jvp_is_the_rotated_tangent() -> None:
     (apply_rope(q, cos, sin) * tq).sum().backward()  # without a tangent: the stock ops' backward
     assert q.grad is not None
     torch.testing.assert_close(q.grad, apply_rope(tq, cos, -sin))
+
+
+def test_jvp_kernel_count_of_the_video_dit() -> None:
+    """bench/step_time.py --count-kernels (runs, so it cannot rot), and a guard on what it counts: a JVP of
+    the video DiT-S at 80 tokens launches at most 2.6x the kernels of a forward (2.57x with the hand-written
+    rules of scm_mm.nn; 2.76x before RoPE, the norms' tangent and the residuals were fused, 3.8x with
+    ZeroTensor arithmetic). Counts, not times: on a GPU this JVP's time follows them (docs/benchmarks.md 2)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "step_time.py"
+    cmd = [sys.executable, str(script), "--nets", "video-dit-s", "--batch", "1", "--shape", "16", "5", "8", "8"]
+    out = subprocess.run([*cmd, "--count-kernels", "--device", "cpu"], check=True, capture_output=True, text=True)
+    forward, jvp_kernels = map(int, re.search(r"forward (\d+) kernels, JVP (\d+)", out.stdout).groups())
+    assert jvp_kernels <= 2.6 * forward, out.stdout

@@ -228,7 +228,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 class _Rotate(torch.autograd.Function):
     """`_rotate` with constant angles as one op: its jvp rotates the tangent, its backward rotates back.
 
-    Stock forward-mode rules would give cos and sin ZeroTensor tangents, 8 slow products per call
+    Stock forward-mode rules would give the angles ZeroTensor tangents, whose products are slow
     (scm_mm.nn.norm's docstring); the angles ride in a tuple that autograd does not see.
     """
 
