@@ -502,9 +502,9 @@ def test_rope_jvp_is_the_rotated_tangent() -> None:
 
 def test_jvp_kernel_count_of_the_video_dit() -> None:
     """bench/step_time.py --count-kernels (runs, so it cannot rot), and a guard on what it counts: a JVP of
-    the video DiT-S at 80 tokens launches at most 2.6x the kernels of a forward (2.57x with the hand-written
-    rules of scm_mm.nn; 2.76x before RoPE, the norms' tangent and the residuals were fused, 3.8x with
-    ZeroTensor arithmetic). Counts, not times: on a GPU this JVP's time follows them (docs/benchmarks.md 2)."""
+    the video DiT-S at 80 tokens launches at most 2.6x the kernels of a forward (2.57x with the rules of
+    scm_mm.nn now; 2.76x before RoPE, the norms' tangent and the residuals took fewer kernels). Counts,
+    not times: a GPU launches each one (docs/benchmarks.md 2)."""
     import re
     import subprocess
     import sys
