@@ -20,8 +20,9 @@ synchronisation, so the wall clock counts the GPU's work, and the peak memory of
 printed too (issue 5 asks for the video preset's, with xformers as the forward attention).
 
 --count-kernels counts, instead of timing, the kernels one no-grad forward and one JVP launch (aten ops that
-write memory: not views, not metadata queries), the same on any device: where the JVP is bound by dispatch
-(on a GPU at training sizes; docs/benchmarks.md 2) its time follows this count, not the arithmetic.
+write memory: not views, not metadata queries), the same on any device. A GPU launches each one, and there
+the JVP was bound by issuing work (docs/benchmarks.md 9b); on the CPU the count did not predict the time
+(docs/benchmarks.md 2).
 """
 
 from __future__ import annotations
