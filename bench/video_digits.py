@@ -57,6 +57,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--student-iters", type=int, default=None)
     p.add_argument("--students", nargs="+", default=["scd", "sct"], help="which students to train and score")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sample-seed", type=int, default=1,
+                   help="seed of the scored clips' noise; another seed gives the scores' sampling noise")  # fmt: skip
     p.add_argument("--scd-overrides", nargs="*", default=[],
                    help="extra Hydra overrides of the sCD run, e.g. method.guidance_input=false "
                         "method.loss.guidance_range=null (distil the teacher without CFG)")  # fmt: skip
@@ -144,8 +146,8 @@ def main() -> None:
             guidance = None  # a student distilled without CFG has no guidance input
         model.generate(10, steps=steps, method=method, labels=labels[:10], guidance=guidance, seed=0)  # warm-up
         t0 = time.perf_counter()
-        clips = model.generate(args.n, steps=steps, method=method, labels=labels, guidance=guidance, seed=1,
-                               batch_size=100)  # fmt: skip
+        clips = model.generate(args.n, steps=steps, method=method, labels=labels, guidance=guidance,
+                               seed=args.sample_seed, batch_size=100)  # fmt: skip
         return clips.permute(0, 4, 1, 2, 3), time.perf_counter() - t0  # (n, C, T, H, W)
 
     for steps in args.teacher_steps:
@@ -173,7 +175,8 @@ def main() -> None:
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - t_start,
         "args": vars(args), "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
-    (out / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    seed_tag = "" if args.sample_seed == 1 else f"_seed{args.sample_seed}"
+    (out / f"results{args.tag}{seed_tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     print("\n| model | sampler | steps | NFE | FVD (3-D clf.) | frame FD | IS | precision | recall | frames/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
