@@ -481,6 +481,32 @@ def test_normalize_tangent_stays_fp32_under_autocast(center: bool) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+def test_linear_backward_with_a_live_tangent_under_autocast() -> None:
+    """A with-grad pass that also carries a tangent (one-pass JVP) goes through `_LinearJVP`, whose
+    backward, run outside autocast, meets a bf16 output gradient and fp32 inputs: the gradients equal
+    the stock layer's."""
+    from torch.autograd import forward_ad
+
+    from scm_mm.nn.layers import Linear
+
+    torch.manual_seed(12)
+    layer = Linear(16, 8)
+    x, tx = torch.randn(4, 16), torch.randn(4, 16)
+
+    def grads(tangent: bool) -> list[torch.Tensor]:
+        layer.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), forward_ad.dual_level():
+            y = forward_ad.unpack_dual(layer(forward_ad.make_dual(xg, tx) if tangent else xg)).primal
+        y.float().square().sum().backward()  # outside autocast, as the training loop does
+        assert xg.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+        return [xg.grad, layer.weight.grad, layer.bias.grad]
+
+    for ours, stock in zip(grads(True), grads(False), strict=True):
+        assert ours.dtype == stock.dtype == torch.float32
+        torch.testing.assert_close(ours, stock, rtol=1e-2, atol=1e-2)
+
+
 def test_rope_jvp_is_the_rotated_tangent() -> None:
     from scm_mm.jvp import jvp as scm_jvp
     from scm_mm.nn.embeddings import apply_rope, rope_angles

@@ -48,6 +48,7 @@ class _ConvJVP(torch.autograd.Function):
         ctx.save_for_forward(x, weight)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.out_shape = output.shape
+        ctx.dtype = output.dtype  # autocast's on CUDA; CPU autocast does not cast aten.convolution
         ctx.args = (stride, padding, dilation, groups)
 
     @staticmethod
@@ -67,7 +68,7 @@ class _ConvJVP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
-        x, weight = ctx.saved_tensors
+        grad, x, weight = (a.to(ctx.dtype) for a in (grad, *ctx.saved_tensors))  # as `_LinearJVP.backward`
         stride, padding, dilation, groups = ctx.args
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -138,6 +139,7 @@ class _LinearJVP(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
         ctx.has_bias, ctx.out_shape = bias is not None, output.shape
+        ctx.dtype = output.dtype  # the forward's compute dtype: autocast's, when it is on
 
     @staticmethod
     def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: None) -> Tensor:
@@ -149,7 +151,8 @@ class _LinearJVP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
-        x, weight = ctx.saved_tensors
+        # In the forward's dtype, as autocast's own backward would (autograd casts each gradient to its input's).
+        grad, x, weight = (a.to(ctx.dtype) for a in (grad, *ctx.saved_tensors))
         gx = grad @ weight if ctx.needs_input_grad[0] else None
         gw = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
