@@ -14,6 +14,7 @@ from scm_mm.train.checkpoint import (
     build_from_spec,
     latest_checkpoint,
     list_checkpoints,
+    load_state,
     load_weights,
     read_meta,
 )
@@ -65,6 +66,27 @@ def test_killed_and_resumed_run_repeats_the_losses(tmp_path, method):
     final = load_weights(tmp_path / "full")
     for key, value in load_weights(tmp_path / "killed").items():
         torch.testing.assert_close(value, final[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_scd_trains_and_resumes(tmp_path, precision):
+    """sCD under CPU autocast (the JVP too): bf16, and fp16 with a grad scaler whose state the checkpoint
+    keeps. Losses finite, every weight moves, and a killed run resumes to the same losses."""
+    teacher = make_model()
+
+    def run(run_dir, **kw):
+        student = make_model(guidance=True)
+        return train(student, SCMLoss(warmup_iters=4), dataset(), options(precision=precision), run_dir,
+                     teacher=teacher, meta={"net": NET}, **kw)  # fmt: skip
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "killed", stop_at=5)
+    resumed = run(tmp_path / "killed")
+    assert all(torch.isfinite(torch.tensor(full.losses))) and resumed.losses == full.losses[4:]
+    start, final = make_model(guidance=True).state_dict(), load_weights(tmp_path / "full")
+    assert all(not torch.equal(start[k], final[k]) for k in final)
+    scaler = load_state(latest_checkpoint(tmp_path / "full"))["scaler"]
+    assert (scaler["scale"] > 0) if precision == "fp16" else scaler == {}
 
 
 def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
