@@ -1,5 +1,7 @@
-"""The training loop: exact resume, atomic checkpoints, and 1 vs 2 processes (DDP and FSDP2, gloo)."""
+"""The training loop: exact resume, atomic checkpoints, mixed precision, hooks and logs, and 1 vs 2 processes
+(DDP and FSDP2, gloo)."""
 
+import json
 import os
 import socket
 
@@ -87,6 +89,35 @@ def test_mixed_precision_scd_trains_and_resumes(tmp_path, precision):
     assert all(not torch.equal(start[k], final[k]) for k in final)
     scaler = load_state(latest_checkpoint(tmp_path / "full"))["scaler"]
     assert (scaler["scale"] > 0) if precision == "fp16" else scaler == {}
+
+
+def test_previews_evaluations_and_logs(tmp_path):
+    """The hooks run at their intervals and at the end, on the sampling model; TensorBoard gets the
+    training scalars, the evaluations and the sample grids, log.jsonl one line per logged iteration."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls: dict[str, list[int]] = {"preview": [], "evaluate": []}
+
+    def preview(model, it):
+        calls["preview"].append(it)
+        assert not model.training
+        return torch.full((3, 8, 8), 128, dtype=torch.uint8)
+
+    def evaluate(model, it):
+        calls["evaluate"].append(it)
+        return {"score": float(it)}
+
+    opts = options(iters=5, sample_every=2, eval_every=3)
+    result = train(make_model(), DiffusionLoss(), dataset(), opts, tmp_path, preview=preview, evaluate=evaluate)
+    assert calls == {"preview": [2, 4, 5], "evaluate": [3, 5]}
+    assert result.evaluations == {3: {"score": 3.0}, 5: {"score": 5.0}}
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/score"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in events.Images("samples")] == [2, 4, 5]
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5]
 
 
 def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
