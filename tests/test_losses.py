@@ -125,6 +125,24 @@ def test_loss_value_and_gradient_match_float64_reference(method, r):
     assert loss32.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
 
 
+def test_a_compiled_student_takes_its_tangent_eagerly():
+    """A student wrapped in torch.compile: its tangent is taken on the module under the wrapper
+    (scm_mm.jvp.unwrap; compiled code is not trusted with custom forward-mode rules), its gradient forward
+    runs compiled, and loss and gradients equal the eager student's (aot_eager: dynamo's capture without
+    inductor's compile time)."""
+    gm, student = make_mixture(), make_student(num_classes=3)
+    x0, z, t = batch(gm)
+    labels = torch.tensor([0, 1, 2, -1, 0, 1, 2, 0])
+    loss_fn = SCMLoss(sigma_d=gm.sigma_d, loss_dtype=torch.float64)
+    torch.manual_seed(0)  # the same label dropout and guidance draws for both
+    eager, _ = loss_fn(student, x0, labels, teacher=gm, step=10**6, t=t, z=z)
+    torch.manual_seed(0)
+    compiled, _ = loss_fn(torch.compile(student, backend="aot_eager"), x0, labels, teacher=gm, step=10**6, t=t, z=z)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+    for a, b in zip(*(torch.autograd.grad(loss, list(student.parameters())) for loss in (compiled, eager))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
 def test_rearranged_jvp_equals_finite_difference_switch():
     gm, student = make_mixture(), make_student()
     x0, z, t = batch(gm)
