@@ -125,7 +125,7 @@ def test_loss_value_and_gradient_match_float64_reference(method, r):
     assert loss32.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
 
 
-def test_a_compiled_student_takes_its_tangent_eagerly():
+def test_a_compiled_student_gives_the_eager_loss_and_gradients():
     """A student wrapped in torch.compile: its tangent is taken on the module under the wrapper
     (scm_mm.jvp.unwrap; compiled code is not trusted with custom forward-mode rules), its gradient forward
     runs compiled, and loss and gradients equal the eager student's (aot_eager: dynamo's capture without
