@@ -143,8 +143,6 @@ def bench_net(
         loss.backward()
         opt.step()
 
-    kinds = [("teacher", ""), ("forward", "")]
-    kinds += [(kind, method) for method in tangent_methods for kind in ("sCT", "sCD", "JVP")]
     if count_kernels:  # each counted after one uncounted call
         step("forward")
         forward = kernels(step, "forward")
@@ -153,6 +151,8 @@ def bench_net(
             n = kernels(step, "JVP", method)
             print(f"{name} ({method}, {precision}): forward {forward} kernels, JVP {n} ({n / forward:.2f}x)")
         return {}
+    kinds = [("teacher", ""), ("forward", "")]
+    kinds += [(kind, method) for method in tangent_methods for kind in ("sCT", "sCD", "JVP")]
     for kind in kinds:  # warm-up
         step(*kind)
     times: dict[tuple[str, str], list[float]] = {k: [] for k in kinds}

@@ -220,7 +220,7 @@ def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) per channel pair as pairs cos + swapped pairs (-sin, sin):
-    three kernels (a JVP is dispatch-bound on a GPU; docs/benchmarks.md 2)."""
+    three kernels where the unpaired form took seven (each a launch on a GPU: docs/benchmarks.md 2, 9b)."""
     pairs = x.unflatten(-1, (-1, 2))  # (..., N, D/2, 2)
     return torch.addcmul(pairs * cos, pairs.flip(-1), signed_sin).flatten(-2)
 

@@ -206,7 +206,7 @@ class AdaptiveDoubleNorm(nn.Module):
             h = _normalize_live(h, True, self.eps) if live else F.layer_norm(h, (self.num_channels,), eps=self.eps)
             h = h if self.channels_last else h.movedim(-1, 1)
 
-        # (B, C) each, pnorm-ed apart in one call (a JVP is dispatch-bound on a GPU; docs/benchmarks.md 2).
+        # (B, C) each, pnorm-ed apart in one call: half the kernels of two (docs/benchmarks.md 2).
         scale, shift = pixel_norm(self.affine(emb).unflatten(1, (2, -1)).to(h.dtype), dim=2).unbind(1)
         # Broadcast (B, C) against x: (B, 1.., 1, C) channels-last, (B, C, 1.., 1) channel-first.
         ones = [1] * (x.ndim - 2)
