@@ -453,7 +453,7 @@ def test_adaptive_double_norm_jvp_matches_stock(norm: str) -> None:
 @pytest.mark.parametrize("center", [True, False])
 def test_normalize_and_rotate_functions_gradcheck(center: bool) -> None:
     """The Functions' jvp and backward against numerical derivatives (both directions of the Jacobian)."""
-    from scm_mm.nn.embeddings import _Rotate, _rotation
+    from scm_mm.nn.embeddings import _Rotate, rope_rotation
     from scm_mm.nn.norm import _Normalize
 
     torch.manual_seed(9)
@@ -461,7 +461,7 @@ def test_normalize_and_rotate_functions_gradcheck(center: bool) -> None:
     assert torch.autograd.gradcheck(lambda a: _Normalize.apply(a, center, 1e-3)[0], (x,), check_forward_ad=True)
     angles = torch.rand(4, 3, dtype=torch.float64) * 6
     assert torch.autograd.gradcheck(
-        lambda a: _Rotate.apply(a, _rotation(angles.cos(), angles.sin())), (x,), check_forward_ad=True
+        lambda a: _Rotate.apply(a, rope_rotation(angles.cos(), angles.sin())), (x,), check_forward_ad=True
     )
 
 
@@ -528,9 +528,10 @@ def test_rope_jvp_is_the_rotated_tangent() -> None:
 
 def test_jvp_kernel_count_of_the_video_dit() -> None:
     """bench/step_time.py --count-kernels (runs, so it cannot rot), and a guard on what it counts: a JVP of
-    the video DiT-S at 80 tokens launches at most 2.6x the kernels of a forward (2.57x with the rules of
-    scm_mm.nn now; 2.76x before RoPE, the norms' tangent and the residuals took fewer kernels). Counts,
-    not times: a GPU launches each one (docs/benchmarks.md 2)."""
+    the video DiT-S at 80 tokens launches at most 2.7x the kernels of a forward (2.69x with the rules of
+    scm_mm.nn now; 2.76x before RoPE, the norms' tangent and the residuals took fewer kernels, 2.57x before
+    the RoPE rotation was built once per forward, which took as many kernels from the forward as from the
+    JVP). Counts, not times: a GPU launches each one (docs/benchmarks.md 2)."""
     import re
     import subprocess
     import sys
@@ -540,4 +541,4 @@ def test_jvp_kernel_count_of_the_video_dit() -> None:
     cmd = [sys.executable, str(script), "--nets", "video-dit-s", "--batch", "1", "--shape", "16", "5", "8", "8"]
     out = subprocess.run([*cmd, "--count-kernels", "--device", "cpu"], check=True, capture_output=True, text=True)
     forward, jvp_kernels = map(int, re.search(r"forward (\d+) kernels, JVP (\d+)", out.stdout).groups())
-    assert jvp_kernels <= 2.6 * forward, out.stdout
+    assert jvp_kernels <= 2.7 * forward, out.stdout

@@ -29,7 +29,15 @@ from einops import rearrange
 from torch import nn
 
 from scm_mm.nn.attention import attention
-from scm_mm.nn.embeddings import ConditionEmbedding, apply_rope, rope_angles, rope_axis_dims, sincos_grid_embedding
+from scm_mm.nn.embeddings import (
+    ConditionEmbedding,
+    Rotation,
+    apply_rotation,
+    rope_angles,
+    rope_axis_dims,
+    rope_rotation,
+    sincos_grid_embedding,
+)
 from scm_mm.nn.layers import Linear
 from scm_mm.nn.norm import AdaptiveDoubleNorm, RMSNorm
 
@@ -61,7 +69,7 @@ class SelfAttention(nn.Module):
     the gains, which keeps the softmax and its tangent in range under fp16/bf16 (SANA-Sprint's sCM
     config and rCM's Wan both keep QK-norm).
 
-    forward: x (B, N, C), rope None or (cos, sin) of shape (N, head_dim / 2), group "full" | "spatial" |
+    forward: x (B, N, C), rope None or the rotation of `rope_rotation` (DiT.rope), group "full" | "spatial" |
     "temporal" with the token grid for the latter two (see the module docstring) -> (B, N, C).
     """
 
@@ -85,15 +93,22 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: Rotation | None = None,
         group: Group = "full",
         grid: Sequence[int] = (),
     ) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
-        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm before the rotation, as Wan
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None or not isinstance(self.q_norm, nn.Identity):
+            # QK-norm, then the rotation (as Wan), in at least fp32 with one cast in and one out: under
+            # autocast each layer casting on its own took two more kernels per tensor and tangent
+            # (docs/benchmarks.md 2).
+            dtype = q.dtype
+            q, k = (a.to(torch.promote_types(dtype, torch.float32)) for a in (q, k))
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rotation(q, rope), apply_rotation(k, rope)
+            q, k = q.to(dtype), k.to(dtype)
         if group == "full":
             o = attention(q, k, v)  # (B, heads, N, head_dim)
         else:
@@ -142,7 +157,7 @@ class DiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         emb: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: Rotation | None = None,
         grid: Sequence[int] = (),
     ) -> torch.Tensor:
         gate_attn, gate_mlp = self.gates(emb)[:, None, :].chunk(2, dim=-1)  # (B, 1, hidden) each
@@ -257,13 +272,13 @@ class DiT(nn.Module):
         if c_noise.shape != (x.shape[0],):
             raise ValueError(f"c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
 
-    def rope(self, grid: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the RoPE angles of the grid, each (N, head_dim / 2), float64 for float64 `like`
-        else float32, whatever the autocast state."""
+    def rope(self, grid: Sequence[int], like: torch.Tensor) -> Rotation:
+        """The RoPE angles of the grid as `rope_rotation` lays them out for every block, float64 for float64
+        `like` else float32, whatever the autocast state."""
         with torch.autocast(like.device.type, enabled=False):
             angles = rope_angles(grid, self.head_dim, self.rope_theta, like.device)
         dtype = torch.promote_types(like.dtype, torch.float32)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return rope_rotation(angles.cos().to(dtype), angles.sin().to(dtype))
 
     def forward(
         self,

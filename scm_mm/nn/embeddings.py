@@ -207,15 +207,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     least float32; the result is in x's dtype.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    rotation = _rotation(cos.to(dtype), sin.to(dtype))
-    if tangent_is_live(x) and not tangent_is_live(cos, sin):
+    return apply_rotation(x, rope_rotation(cos.to(dtype), sin.to(dtype)))
+
+
+Rotation = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> Rotation:
+    """(cos (N, D/2, 1), (-sin, sin) (N, D/2, 2)): the angles laid out for `apply_rotation`. A network builds
+    it once per forward, not once for each q and k of every block (two kernels each)."""
+    return cos.unsqueeze(-1), torch.stack([-sin, sin], dim=-1)
+
+
+def apply_rotation(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """`apply_rope` with the angles of `rope_rotation`, computed in at least float32 (the rotation's dtype
+    should be that too); the result is in x's dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if tangent_is_live(x) and not tangent_is_live(*rotation):
         return _Rotate.apply(x.to(dtype), rotation).to(x.dtype)
     return _rotate(x.to(dtype), *rotation).to(x.dtype)
-
-
-def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos (N, D/2, 1), (-sin, sin) (N, D/2, 2)): the angles laid out for `_rotate`."""
-    return cos.unsqueeze(-1), torch.stack([-sin, sin], dim=-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

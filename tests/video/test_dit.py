@@ -17,7 +17,7 @@ from torch.func import jvp
 
 from scm_mm.nn.attention import attention_backend, naive_attention
 from scm_mm.nn.dit import DiT, SelfAttention
-from scm_mm.nn.embeddings import apply_rope, rope_angles, rope_axis_dims
+from scm_mm.nn.embeddings import apply_rope, rope_angles, rope_axis_dims, rope_rotation
 from scm_mm_video.dit import VideoDiT
 from scm_mm_video.presets import PARAM_COUNTS, VIDEO_NET_PRESETS, build_video_net, token_count
 
@@ -156,15 +156,15 @@ def test_factorized_groups_equal_masked_full_attention(group: str) -> None:
     attn = randomize(SelfAttention(24, 2)).double()
     x = torch.randn(B, math.prod(grid), 24, dtype=torch.float64)
     angles = rope_angles(grid, 12)
-    rope = (angles.cos(), angles.sin())
+    cos, sin = angles.cos(), angles.sin()
     t, hw = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1] * grid[2]), indexing="ij")
     key = (t if group == "spatial" else hw).reshape(-1)  # tokens with equal key attend to each other
     mask = key[:, None] == key[None, :]  # (N, N)
 
     q, k, v = attn.qkv(x).unflatten(-1, (3, 2, 12)).permute(2, 0, 3, 1, 4)  # (B, heads, N, head_dim) each
-    q, k = apply_rope(attn.q_norm(q), *rope), apply_rope(attn.k_norm(k), *rope)
+    q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
     ref = attn.proj(naive_attention(q, k, v, mask).transpose(1, 2).flatten(2))
-    torch.testing.assert_close(attn(x, rope, group, grid), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attn(x, rope_rotation(cos, sin), group, grid), ref, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
