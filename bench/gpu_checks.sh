@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement the issues ask for, in one run (about 8 minutes on an H200), for a machine whose
+# Every GPU measurement the issues ask for, in one run (about 8 minutes on an H200 on 2026-12-04, before the
+# graphed-JVP rows were added), for a machine whose
 # python3 has torch, triton, numpy, einops, safetensors and tqdm but not this package:
 #
 #     OUT=gpu_out bash bench/gpu_checks.sh          # logs and JSON rows under $OUT
@@ -8,14 +9,15 @@
 # The repository is put on PYTHONPATH as its packages (no install); wheels in .whl/ (xformers, diffusers,
 # av, ...) are installed to /tmp/site first if present. Each step has its own time limit, so one that
 # hangs or fails leaves the others' figures; the order is what matters most first.
-#   1. the CUDA tests of the attention dispatcher and the Triton kernel (issue 6)
-#   2. the kernel's block sizes at N = 8192 (--tune), then output + tangent vs flash SDPA forward at
-#      N 1k-32k, D 64 and 128, non-causal and causal (issue 6)
-#   3. sCT / sCD / teacher training steps, bf16: ImageNet-64 S, the video DiT-S preset (17 frames at
-#      256x256 through a 16-channel 4x8x8 latent; xformers forward when it loads), ImageNet-512 XXL
-#      (issues 2, 3, 5, 6); the top operators of one JVP (profile); the video step at batch 64
-#   4. the JVP attention at the video presets' sequence lengths (issue 5)
-#   5. 2-step generation per 512x512 sample, ImageNet-512 XXL at batch 1: eager, CUDA graph, compile (issue 6)
+#   1. the CUDA tests of the attention dispatcher, the Triton kernel and the graphed JVP (issue 6)
+#   2. sCT / sCD / teacher training steps, bf16, with the eager and the CUDA-graphed JVP side by side:
+#      ImageNet-64 S, the video DiT-S preset (17 frames at 256x256 through a 16-channel 4x8x8 latent;
+#      xformers forward when it loads); the top operators of one JVP (profile); the video step at batch
+#      64; ImageNet-512 XXL (issues 2, 3, 5, 6)
+#   3. the JVP attention at the video presets' sequence lengths (issue 5)
+#   4. 2-step generation per 512x512 sample, ImageNet-512 XXL at batch 1: eager, CUDA graph, compile (issue 6)
+#   5. the kernel's block sizes at N = 8192 (--tune), then output + tangent vs flash SDPA forward at
+#      N 1k-32k, D 64 and 128, non-causal and causal (issue 6; measured on 2026-12-04, so last)
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -46,15 +48,17 @@ step env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --f
     python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)";
     python3 -c "import xformers, xformers.ops; print(\"xformers\", xformers.__version__)";
     python3 -c "from scm_mm.nn.attention import auto_backends; print(\"auto backends on cuda:\", auto_backends(\"cuda\"))"'
-step tests 120 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m "gpu or not slow" tests/test_triton_attention.py tests/test_attention.py
-step tune 60 python3 bench/attention_triton.py --tune --lengths 8192 --head-dims 64 128 256 --out "$OUT/tune.json"
-step kernel 120 python3 bench/attention_triton.py --out "$OUT/kernel.json"
-step kernel-causal 45 python3 bench/attention_triton.py --causal --lengths 4096 16384 --methods "flash forward" fused blockwise --out "$OUT/kernel_causal.json"
-step steps 100 python3 bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 16 --repeats 5
+step tests 120 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m "gpu or not slow" tests/test_triton_attention.py tests/test_attention.py tests/test_cuda_graph_jvp.py
+step steps 150 python3 bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 16 --repeats 5 \
+    --tangent-method jvp cuda_graph_jvp
 step profile 60 python3 bench/step_time.py --nets video-dit-s imagenet64-S --precision bf16 --batch 16 --repeats 2 --profile
 step steps-64 60 python3 bench/step_time.py --nets video-dit-s --precision bf16 --batch 64 --repeats 3
-step steps-xxl 80 python3 bench/step_time.py --nets imagenet512-XXL --precision bf16 --batch 8 --repeats 3
+step steps-xxl 130 python3 bench/step_time.py --nets imagenet512-XXL --precision bf16 --batch 8 --repeats 3 \
+    --tangent-method jvp cuda_graph_jvp
 step video-attention 40 python3 bench/video_attention.py --device cuda --batch 4 --heads 12 --dtype bfloat16 --repeats 5
 step sample 70 python3 bench/sample_time.py --modes eager graph --repeats 20
 step sample-compile 150 python3 bench/sample_time.py --modes compile --repeats 20
+step tune 60 python3 bench/attention_triton.py --tune --lengths 8192 --head-dims 64 128 256 --out "$OUT/tune.json"
+step kernel 120 python3 bench/attention_triton.py --out "$OUT/kernel.json"
+step kernel-causal 45 python3 bench/attention_triton.py --causal --lengths 4096 16384 --methods "flash forward" fused blockwise --out "$OUT/kernel_causal.json"
 echo "=== done $(date -u +%H:%M:%S)" | tee -a "$LOG"

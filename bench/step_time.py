@@ -4,10 +4,12 @@
     python bench/step_time.py --nets dit --batch 8 --repeats 10
     python bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 8   # GPU (issue 6)
     python bench/step_time.py --nets video-dit-s --batch 1 --shape 16 5 8 8 --tangent-method jvp func_jvp
+    python bench/step_time.py --nets video-dit-s --precision bf16 --tangent-method jvp cuda_graph_jvp   # GPU
     python bench/step_time.py --nets video-dit-s --batch 1 --shape 16 5 8 8 --count-kernels   # no timing
 
 Each step is forward + backward + Adam. The sCT step adds the JVP (scm_mm.jvp of the student under
-no_grad; --tangent-method: dual tensors, torch.func.jvp, or both, one row each) and its second forward
+no_grad; --tangent-method: dual tensors, torch.func.jvp, the dual JVP replayed from CUDA graphs
+(scm_mm.jvp.CUDAGraphJVP, a GPU only), one row each) and its second forward
 (with grad); the sCD step adds the teacher's forward too. The no-grad forward and JVP alone are timed as
 well, to show where the time goes: the two-pass design costs at least (teacher step + JVP + forward) /
 teacher step. All kinds of step are timed in rounds (teacher, forward, sCT, sCD, JVP, teacher, ...) so
@@ -130,9 +132,13 @@ def bench_net(
                 student(x_t, t)
             return
         if kind == "JVP":
-            mode = "func" if method == "func_jvp" else "dual"
+            graphed = scm[method].graphed_jvp
             with autocast:
-                jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)), mode=mode)
+                if graphed is not None:
+                    graphed(student, (x_t, t), (v, torch.ones_like(t)), {})
+                else:
+                    mode = "func" if method == "func_jvp" else "dual"
+                    jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)), mode=mode)
             return
         with autocast:  # the forward passes; backward outside, as in the training loop
             if kind == "teacher":
@@ -198,7 +204,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="backbone autocast")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one JVP per net")
     parser.add_argument("--count-kernels", action="store_true", help="kernels of a forward and a JVP, untimed")
-    parser.add_argument("--tangent-method", nargs="+", default=["jvp"], choices=("jvp", "func_jvp"),
+    parser.add_argument("--tangent-method", nargs="+", default=["jvp"], choices=("jvp", "func_jvp", "cuda_graph_jvp"),
                         help="SCMLoss's forward-mode front end: dual tensors, torch.func.jvp, or both")  # fmt: skip
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -13,7 +13,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from .jvp import finite_difference_jvp, jvp, replay_rng, unwrap
+from .jvp import CUDAGraphJVP, finite_difference_jvp, jvp, replay_rng, unwrap
 from .precond import ClassifierFreeGuidance, TrigFlowModel
 from .trigflow import add_noise, check_sigma_d, expand_time, sample_time
 
@@ -214,16 +214,18 @@ class SCMLoss:
         tangent_c: float = 0.1,         # c in g / (||g|| + c)
         warmup_iters: int = 10_000,     # H: r = min(1, step / H) (App. G.2); 0 disables warmup
         guidance_range: tuple[float, float] | None = (1.0, 2.0),  # sCD: s ~ U[lo, hi] for labelled batches
-        tangent_method: Literal["jvp", "func_jvp", "finite_difference"] = "jvp",  # scm_mm.jvp's dual
-        #   tensors, or its torch.func.jvp; finite differences are a debug switch
+        tangent_method: Literal["jvp", "func_jvp", "cuda_graph_jvp", "finite_difference"] = "jvp",  # scm_mm.jvp's
+        #   dual tensors, its torch.func.jvp, or the dual JVP replayed from CUDA graphs (CUDAGraphJVP: a GPU,
+        #   no dropout); finite differences are a debug switch
         fd_step: float = 1e-3,          # step of the central difference, in units of the rearranged tangent
         loss_dtype: torch.dtype = torch.float32,  # fp32; fp64 for references
     ) -> None:
         if tangent_norm not in ("rms", "l2", "clip", "none"):
             raise ValueError(f"tangent_norm must be 'rms', 'l2', 'clip' or 'none', got {tangent_norm!r}")
-        if tangent_method not in ("jvp", "func_jvp", "finite_difference"):
+        if tangent_method not in ("jvp", "func_jvp", "cuda_graph_jvp", "finite_difference"):
             raise ValueError(
-                f"tangent_method must be 'jvp', 'func_jvp' or 'finite_difference', got {tangent_method!r}"
+                "tangent_method must be 'jvp', 'func_jvp', 'cuda_graph_jvp' or 'finite_difference', "
+                f"got {tangent_method!r}"
             )
         self.sigma_d = check_sigma_d(sigma_d)
         self.P_mean, self.P_std = P_mean, P_std
@@ -231,6 +233,7 @@ class SCMLoss:
         self.warmup_iters = warmup_iters
         self.guidance_range = guidance_range
         self.tangent_method = tangent_method
+        self.graphed_jvp = CUDAGraphJVP() if tangent_method == "cuda_graph_jvp" else None
         self.fd_step = fd_step
         self.loss_dtype = loss_dtype
 
@@ -277,7 +280,9 @@ class SCMLoss:
         def F_of(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
             return model(x, tt, **cond)
 
-        if self.tangent_method in ("jvp", "func_jvp"):
+        if self.graphed_jvp is not None:
+            F_minus, cs_dF_dt = self.graphed_jvp(model, primals, tangents, cond)
+        elif self.tangent_method in ("jvp", "func_jvp"):
             F_minus, cs_dF_dt = jvp(F_of, primals, tangents, mode="dual" if self.tangent_method == "jvp" else "func")
         else:
             F_minus, cs_dF_dt = finite_difference_jvp(F_of, primals, tangents, self.fd_step)
