@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top operators of one JVP per net")
     parser.add_argument("--count-kernels", action="store_true", help="kernels of a forward and a JVP, untimed")
     parser.add_argument("--tangent-method", nargs="+", default=["jvp"], choices=("jvp", "func_jvp", "cuda_graph_jvp"),
-                        help="SCMLoss's forward-mode front end: dual tensors, torch.func.jvp, or both")  # fmt: skip
+                        help="SCMLoss's forward-mode front ends, one row each (see above)")  # fmt: skip
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.precision}")
