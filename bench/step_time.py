@@ -40,7 +40,6 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
-from scm_mm.jvp import jvp
 from scm_mm.nn.attention import auto_backends
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
@@ -132,13 +131,8 @@ def bench_net(
                 student(x_t, t)
             return
         if kind == "JVP":
-            graphed = scm[method].graphed_jvp
             with autocast:
-                if graphed is not None:
-                    graphed(student, (x_t, t), (v, torch.ones_like(t)), {})
-                else:
-                    mode = "func" if method == "func_jvp" else "dual"
-                    jvp(lambda x, tt: student(x, tt), (x_t, t), (v, torch.ones_like(t)), mode=mode)
+                scm[method].student_jvp(student, (x_t, t), (v, torch.ones_like(t)), {})
             return
         with autocast:  # the forward passes; backward outside, as in the training loop
             if kind == "teacher":

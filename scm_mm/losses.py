@@ -272,20 +272,8 @@ class SCMLoss:
 
         Calls the student under no_grad; the caller replays the random state for the grad forward.
         """
-        model = unwrap(student)
         cs = torch.cos(t) * torch.sin(t)                                      # (B,)
-        primals = (x_t, t)
-        tangents = (expand_time(cs, x_t) * dxt_dt, cs)
-
-        def F_of(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            return model(x, tt, **cond)
-
-        if self.graphed_jvp is not None:
-            F_minus, cs_dF_dt = self.graphed_jvp(model, primals, tangents, cond)
-        elif self.tangent_method in ("jvp", "func_jvp"):
-            F_minus, cs_dF_dt = jvp(F_of, primals, tangents, mode="dual" if self.tangent_method == "jvp" else "func")
-        else:
-            F_minus, cs_dF_dt = finite_difference_jvp(F_of, primals, tangents, self.fd_step)
+        F_minus, cs_dF_dt = self.student_jvp(student, (x_t, t), (expand_time(cs, x_t) * dxt_dt, cs), cond)
         F_minus, cs_dF_dt = F_minus.to(self.loss_dtype), cs_dF_dt.to(self.loss_dtype)
         tb = expand_time(t, x_t).to(self.loss_dtype)
         x_t, dxt_dt = x_t.to(self.loss_dtype), dxt_dt.to(self.loss_dtype)
@@ -293,6 +281,25 @@ class SCMLoss:
             torch.cos(tb) * torch.sin(tb) * x_t + self.sigma_d * cs_dF_dt
         )
         return F_minus, g
+
+    def student_jvp(
+        self,
+        student: TrigFlowModel,
+        primals: tuple[torch.Tensor, torch.Tensor],  # (x, t)
+        tangents: tuple[torch.Tensor, torch.Tensor],
+        cond: dict[str, torch.Tensor | None],  # the student's keyword inputs (labels, guidance)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, its derivative along the tangents) of the unwrapped student, no_grad, by `tangent_method`."""
+        model = unwrap(student)
+        if self.graphed_jvp is not None:
+            return self.graphed_jvp(model, primals, tangents, cond)
+
+        def F_of(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            return model(x, tt, **cond)
+
+        if self.tangent_method in ("jvp", "func_jvp"):
+            return jvp(F_of, primals, tangents, mode="dual" if self.tangent_method == "jvp" else "func")
+        return finite_difference_jvp(F_of, primals, tangents, self.fd_step)
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:
         """Bound the tangent (§4.2): g / (||g|| + c), or clipping to [-1, 1]."""
