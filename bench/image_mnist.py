@@ -77,6 +77,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--speed-rounds", type=int, default=5, help="rounds of the side-by-side speed ratio")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--churn", type=float, nargs="*", default=[],
+                   help="also score the teacher with EDM's stochastic Heun at these S_churn values")  # fmt: skip
     return p.parse_args()
 
 
@@ -122,18 +124,19 @@ def main() -> None:
                                 eval_every=args.eval_every, **common)  # fmt: skip
     modality = ImageModality()
 
-    def generate(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None, t_mid: float, seed: int):
+    def generate(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None, t_mid: float, seed: int,
+                 churn: float = 0.0):  # fmt: skip
         """(images, seconds to generate and decode them) for args.n class-balanced samples."""
         pipe = SCMPipeline(model, codec, modality, meta["sample_shape"], 10)
         t0 = time.perf_counter()
         images = pipe.generate(args.n, steps=steps, method=method, seed=seed, guidance=guidance, t_mid=t_mid,
-                               batch_size=250)  # fmt: skip
+                               churn=churn, batch_size=250)  # fmt: skip
         return images, time.perf_counter() - t0
 
     def generate_and_score(model: TrigFlowPrecond, method: str, steps: int, guidance: float | None, t_mid: float,
-                           seed: int):  # fmt: skip
+                           seed: int, churn: float = 0.0):  # fmt: skip
         """(images, seconds, scores): `generate`, then FID, IS and precision/recall."""
-        images, seconds = generate(model, method, steps, guidance, t_mid, seed)
+        images, seconds = generate(model, method, steps, guidance, t_mid, seed, churn)
         return images, seconds, evaluate_images(images, real_features, classifier, batch_size=500)
 
     def fid_curve(name: str, guidance: float | None) -> Callable[[TrigFlowPrecond, int], dict[str, float]]:
@@ -165,8 +168,9 @@ def main() -> None:
 
     # 3. Evaluation: FID (classifier features), IS, precision/recall, sampling wall clock.
     def evaluate(name: str, model: TrigFlowPrecond, method: str, steps: int, nfe: int, guidance: float | None,
-                 t_mid: float = args.t_mid[0], ema: str | None = None, chosen: bool = True):  # fmt: skip
-        runs = [generate_and_score(model, method, steps, guidance, t_mid, seed) for seed in args.seeds]
+                 t_mid: float = args.t_mid[0], ema: str | None = None, chosen: bool = True,
+                 churn: float = 0.0):  # fmt: skip
+        runs = [generate_and_score(model, method, steps, guidance, t_mid, seed, churn) for seed in args.seeds]
         images = runs[0][0]
 
         def mean(key: str) -> float:
@@ -176,12 +180,14 @@ def main() -> None:
             "model": name, "sampler": method, "steps": steps, "nfe": nfe,
             "seconds": sum(seconds for _, seconds, _ in runs) / len(runs), "fid": mean("fid"),
             **({"t_mid": t_mid} if method == "consistency" and steps == 2 else {}),
+            **({"churn": churn} if churn else {}),
             **({"ema": ema, "chosen": chosen} if ema else {}),
             "is": mean("is_mean"), "precision": mean("precision"), "recall": mean("recall"),
             "fid_per_seed": [scores["fid"] for _, _, scores in runs],
         }  # fmt: skip
         if chosen:
-            save_png(image_grid(images[:100], nrow=10), out / f"{name}_{method}_{steps}.png")
+            stochastic = f"_churn{churn:g}" if churn else ""
+            save_png(image_grid(images[:100], nrow=10), out / f"{name}_{method}{stochastic}_{steps}.png")
         print(json.dumps(row))
         return row
 
@@ -190,6 +196,8 @@ def main() -> None:
     for steps in args.teacher_steps:
         rows.append(evaluate("teacher", teacher, "heun", steps, 2 * steps - 1, None))
         rows.append(evaluate("teacher", teacher, "dpmpp_2m", steps, steps, None))
+        for churn in args.churn:
+            rows.append(evaluate("teacher", teacher, "heun", steps, 2 * steps - 1, None, churn=churn))
     selection: dict[str, dict[str, float]] = {}
     for name in args.students:
         guidance, run = (1.0 if name == "scd" else None), out / f"{name}{args.tag}"
@@ -212,7 +220,7 @@ def main() -> None:
 
     teacher_rows = [r for r in rows if r["model"] == "teacher"]
     best = min(teacher_rows, key=lambda r: r["fid"])
-    best_sampler = [r for r in teacher_rows if r["sampler"] == best["sampler"]]
+    best_sampler = [r for r in teacher_rows if (r["sampler"], r.get("churn")) == (best["sampler"], best.get("churn"))]
     plateau = min((r for r in best_sampler if r["fid"] <= 1.05 * best["fid"]), key=lambda r: r["nfe"])
     summary = {
         "teacher_best": best, "teacher_plateau": plateau,
@@ -231,14 +239,15 @@ def main() -> None:
         student, _ = load_model(out / f"scd{args.tag}", scd2["ema"])
         ratios = []
         for _ in range(args.speed_rounds):
-            t_teacher = generate(teacher, plateau["sampler"], plateau["steps"], None, args.t_mid[0], 1)[1]
+            t_teacher = generate(teacher, plateau["sampler"], plateau["steps"], None, args.t_mid[0], 1,
+                                 plateau.get("churn", 0.0))[1]  # fmt: skip
             ratios.append(t_teacher / generate(student, "consistency", 2, 1.0, scd2["t_mid"], 1)[1])
         summary["teacher_plateau_time_over_scd2_side_by_side"] = {"median": statistics.median(ratios), "rounds": ratios}
     (out / f"results{args.tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     print(f"\n| model | sampler | steps | NFE | FID | IS | precision | recall | time for {args.n} (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        sampler = r["sampler"] + "".join(f", {k} {r[k]}" for k in ("t_mid", "ema") if k in r)
+        sampler = r["sampler"] + "".join(f", {k} {r[k]}" for k in ("t_mid", "ema", "churn") if k in r)
         sampler += " (chosen)" if r.get("chosen") else ""
         print(f"| {r['model']} | {sampler} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['is']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.2f} |")

@@ -52,6 +52,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default="bench_out/digits")
     p.add_argument("--n", type=int, default=500, help="clips per score (a multiple of 10 keeps classes balanced)")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--teacher-samplers", nargs="*", default=["heun", "dpmpp_2m"], choices=["heun", "dpmpp_2m"],
+                   help="the teacher's ODE samplers, each at every --teacher-steps")
+    p.add_argument("--churn", type=float, nargs="*", default=[],
+                   help="also EDM's stochastic Heun at these S_churn values, at every --teacher-steps")  # fmt: skip
     p.add_argument("--vae-iters", type=int, default=None, help="default: the recipe's")
     p.add_argument("--teacher-iters", type=int, default=None)
     p.add_argument("--student-iters", type=int, default=None)
@@ -140,21 +144,27 @@ def main() -> None:
 
     labels = torch.arange(args.n) % 10
 
-    def generate(run: str, method: str, steps: int, guidance: float | None) -> tuple[torch.Tensor, float]:
+    def generate(
+        run: str, method: str, steps: int, guidance: float | None, churn: float = 0.0
+    ) -> tuple[torch.Tensor, float]:
         model = VideoSCM.load(out / run)
         if not any(getattr(m, "guidance_embed", False) for m in model.model.modules()):
             guidance = None  # a student distilled without CFG has no guidance input
-        model.generate(10, steps=steps, method=method, labels=labels[:10], guidance=guidance, seed=0)  # warm-up
+        kw = dict(steps=steps, method=method, guidance=guidance, churn=churn)
+        model.generate(10, labels=labels[:10], seed=0, **kw)  # warm-up
         t0 = time.perf_counter()
-        clips = model.generate(args.n, steps=steps, method=method, labels=labels, guidance=guidance,
-                               seed=args.sample_seed, batch_size=100)  # fmt: skip
+        clips = model.generate(args.n, labels=labels, seed=args.sample_seed, batch_size=100, **kw)
         return clips.permute(0, 4, 1, 2, 3), time.perf_counter() - t0  # (n, C, T, H, W)
 
+    nfes = {"heun": lambda steps: 2 * steps - 1, "dpmpp_2m": lambda steps: steps}
+    teacher_samplers = [(method, 0.0) for method in args.teacher_samplers] + [("heun", c) for c in args.churn]
     for steps in args.teacher_steps:
-        for method, nfe in (("heun", 2 * steps - 1), ("dpmpp_2m", steps)):
-            clips, seconds = generate("digits_teacher", method, steps, None)
-            score("teacher", clips, seconds, sampler=method, steps=steps, nfe=nfe)
-            write_frame_strip(clips.permute(0, 2, 3, 4, 1)[:10], out / f"teacher_{method}_{steps}.png")
+        for method, churn in teacher_samplers:
+            clips, seconds = generate("digits_teacher", method, steps, None, churn)
+            stochastic = {"churn": churn} if churn else {}
+            score("teacher", clips, seconds, sampler=method, **stochastic, steps=steps, nfe=nfes[method](steps))
+            name = f"{method}_churn{churn:g}" if churn else method
+            write_frame_strip(clips.permute(0, 2, 3, 4, 1)[:10], out / f"teacher_{name}_{steps}.png")
     for name, guidance in (("scd", 1.0), ("sct", None)):
         if name not in args.students:
             continue
@@ -181,7 +191,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fps = "-" if r["frames_per_s"] is None else f"{r['frames_per_s']:.0f}"
-        print(f"| {r['model']} | {r.get('sampler', '-')} | {r.get('steps', '-')} | {r.get('nfe', '-')} | "
+        sampler = r.get("sampler", "-") + (f", churn {r['churn']:g}" if "churn" in r else "")
+        print(f"| {r['model']} | {sampler} | {r.get('steps', '-')} | {r.get('nfe', '-')} | "
               f"{r['fvd']:.3f} | {r['frame_fd']:.3f} | {r['is_mean']:.2f} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} | {fps} |")
     print(json.dumps(summary, indent=2))

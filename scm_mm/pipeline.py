@@ -80,6 +80,7 @@ class SCMPipeline:
         seed: int | None = None,
         method: str = "consistency",    # or a teacher ODE sampler: "euler", "heun", "dpmpp_2m"
         t_mid: float = 1.1,
+        churn: float = 0.0,             # method="heun" only: EDM's stochastic sampling (S_churn)
         batch_size: int = 64,
         shape: Sequence[int] | None = None,  # (C, *dims) of one sample; None: the training shape
     ) -> torch.Tensor:
@@ -97,7 +98,7 @@ class SCMPipeline:
             batch_shape = (b, *(self.sample_shape if shape is None else shape))
             out.append(
                 sample(self.model, batch_shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
-                       device=self.device, **cond)  # fmt: skip
+                       churn=churn, device=self.device, **cond)  # fmt: skip
             )
         return torch.cat(out)
 

@@ -8,6 +8,7 @@ the same seed gives the same result.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -98,12 +99,34 @@ def sample_euler(
 
 @torch.no_grad()
 def sample_heun(
-    model: TrigFlowModel, noise: torch.Tensor, t_steps: Times, **cond: torch.Tensor | None
+    model: TrigFlowModel,
+    noise: torch.Tensor,
+    t_steps: Times,
+    *,
+    churn: float = 0.0,                 # EDM's S_churn: 0 is the ODE; > 0 re-noises before each step
+    churn_sigmas: tuple[float, float] = (0.05, 50.0),  # EDM's (S_tmin, S_tmax): where to re-noise, in sigma
+    s_noise: float = 1.0,               # EDM's S_noise: the re-noising's std, relative
+    generator: torch.Generator | None = None,
+    **cond: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Heun's second-order method in t; the last step to t = 0 is Euler, as in EDM. NFE = 2 steps - 1."""
+    """Heun's second-order method in t; the last step to t = 0 is Euler, as in EDM. NFE = 2 steps - 1.
+
+    With churn > 0 this is EDM's stochastic sampler (Karras et al. 2022, Alg. 2) in TrigFlow: before
+    each step whose noise level sigma = sigma_d tan t lies in churn_sigmas, raise it to
+    sigma (1 + gamma), gamma = min(churn / steps, sqrt 2 - 1), by adding fresh noise, then take the
+    Heun step from there. In TrigFlow x_t / cos t = x0 + sigma_d tan t z, so the added noise has std
+    sqrt(sigma_hat^2 - sigma^2) in that variable, and the state is rescaled by cos t_hat / cos t.
+    """
     ts = _check_times(t_steps)
+    gamma = min(churn / (len(ts) - 1), math.sqrt(2) - 1) if churn > 0 else 0.0
     x = noise
     for t, t_next in zip(ts[:-1], ts[1:]):
+        sigma = model.sigma_d * math.tan(t)
+        if gamma > 0 and churn_sigmas[0] <= sigma <= churn_sigmas[1]:
+            t_hat = math.atan(sigma * (1 + gamma) / model.sigma_d)
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            extra = model.sigma_d * math.sqrt(math.tan(t_hat) ** 2 - math.tan(t) ** 2) * s_noise
+            x, t = math.cos(t_hat) * (x / math.cos(t) + extra * z), t_hat
         d = model.velocity(x, t, **cond)
         x_euler = x + (t_next - t) * d
         if t_next == 0.0:
@@ -157,6 +180,7 @@ def sample(
     t_mid: float = 1.1,                 # two-step intermediate time
     seed: int | None = None,            # seed for the initial noise and any re-noising
     generator: torch.Generator | None = None,  # alternatively, a generator (seed wins if both)
+    churn: float = 0.0,                 # Heun only: EDM's S_churn (stochastic sampling), 0 for the ODE
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     **cond: torch.Tensor | None,
@@ -174,4 +198,9 @@ def sample(
         return sample_consistency(model, noise, t_steps, generator=generator, **cond)
     if method not in ODE_SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; choose 'consistency' or one of {list(ODE_SAMPLERS)}")
-    return ODE_SAMPLERS[method](model, noise, t_steps, **cond)
+    solver = ODE_SAMPLERS[method]
+    if churn:
+        if method != "heun":
+            raise ValueError(f"churn (EDM's stochastic sampling) needs method='heun', got {method!r}")
+        solver = functools.partial(sample_heun, churn=churn, generator=generator)
+    return solver(model, noise, t_steps, **cond)

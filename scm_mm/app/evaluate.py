@@ -36,8 +36,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     labels = pipe.labels_for(cfg.n, None)  # a class-conditional model cycles through its classes
     x0 = pipe.sample_latents(
-        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, labels=labels, guidance=cfg.guidance,
-        seed=cfg.seed, batch_size=cfg.batch_size,
+        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
+        guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size,
     )  # fmt: skip
     media = pipe.codec.decode(x0)
     seconds = time.perf_counter() - start

@@ -51,8 +51,8 @@ def run(cfg: DictConfig) -> list[Path]:
     if cfg.get("frames") is not None:
         shape = pipe.shape_for_frames(cfg.frames)
     x0 = pipe.sample_latents(
-        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, labels=labels, guidance=cfg.guidance,
-        seed=cfg.seed, batch_size=cfg.batch_size, shape=shape,
+        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
+        guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size, shape=shape,
     )  # fmt: skip
     media = pipe.codec.decode(x0)
     seconds = time.perf_counter() - start

@@ -57,8 +57,8 @@ def test_sample_app_writes_a_png_grid(runs, tmp_path):
 def test_eval_app_scores_samples(runs, tmp_path):
     clf = train_classifier(MNIST(resolution=16), max_steps=10)
     clf.save(tmp_path / "clf")
-    result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=20", "solver=euler", "steps=2",
-                                          f"classifier_path={tmp_path / 'clf'}", "device=cpu"]))  # fmt: skip
+    result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=20", "solver=heun", "steps=4",
+                                          "churn=5", f"classifier_path={tmp_path / 'clf'}", "device=cpu"]))  # fmt: skip
     assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and result["is_mean"] >= 1
 
 
