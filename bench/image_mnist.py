@@ -247,7 +247,8 @@ def main() -> None:
     print(f"\n| model | sampler | steps | NFE | FID | IS | precision | recall | time for {args.n} (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        sampler = r["sampler"] + "".join(f", {k} {r[k]}" for k in ("t_mid", "ema", "churn") if k in r)
+        sampler = r["sampler"] + "".join(f", {k} {r[k]:g}" if isinstance(r[k], float) else f", {k} {r[k]}"
+                                         for k in ("t_mid", "ema", "churn") if k in r)  # fmt: skip
         sampler += " (chosen)" if r.get("chosen") else ""
         print(f"| {r['model']} | {sampler} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['is']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.2f} |")

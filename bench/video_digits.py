@@ -4,6 +4,8 @@ frames per second of the teacher at its best NFE and of sCD and sCT at 1 and 2 s
     python bench/video_digits.py --out bench_out/digits     # trains the recipe once; reruns reuse the runs
     python bench/video_digits.py --out bench_out/digits --students scd --tag _nocfg --scd-overrides \
         method.guidance_input=false method.loss.guidance_range=null      # another sCD beside the same teacher
+    python bench/video_digits.py --out bench_out/digits --students scd --teacher-steps 32 64 128 256 \
+        --teacher-samplers --churn inf       # the teacher with EDM's stochastic sampler only (largest churn)
 
 The runs are the library's recipe through the same code path as `scm-mm-train` (configs/experiment/
 digits_{vae,teacher,scd,sct}.yaml): 2,000 clips of two real MNIST digits of one class bouncing in 32x32 frames
