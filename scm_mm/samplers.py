@@ -114,8 +114,9 @@ def sample_heun(
     With churn > 0 this is EDM's stochastic sampler (Karras et al. 2022, Alg. 2) in TrigFlow: before
     each step whose noise level sigma = sigma_d tan t lies in churn_sigmas, raise it to
     sigma (1 + gamma), gamma = min(churn / steps, sqrt 2 - 1), by adding fresh noise, then take the
-    Heun step from there (churn = inf: the largest gamma at every step). In TrigFlow x_t / cos t = x0 + sigma_d tan t z, so the added noise has std
-    sqrt(sigma_hat^2 - sigma^2) in that variable, and the state is rescaled by cos t_hat / cos t.
+    Heun step from there (churn = inf: the largest gamma at every step). In TrigFlow
+    x_t / cos t = x0 + sigma_d tan t z, so the added noise has std sqrt(sigma_hat^2 - sigma^2) in that
+    variable, and the state is rescaled by cos t_hat / cos t.
     """
     ts = _check_times(t_steps)
     gamma = min(churn / (len(ts) - 1), math.sqrt(2) - 1) if churn > 0 else 0.0
