@@ -158,13 +158,13 @@ def main() -> None:
         clips = model.generate(args.n, labels=labels, seed=args.sample_seed, batch_size=100, **kw)
         return clips.permute(0, 4, 1, 2, 3), time.perf_counter() - t0  # (n, C, T, H, W)
 
-    nfes = {"heun": lambda steps: 2 * steps - 1, "dpmpp_2m": lambda steps: steps}
     teacher_samplers = [(method, 0.0) for method in args.teacher_samplers] + [("heun", c) for c in args.churn]
     for steps in args.teacher_steps:
         for method, churn in teacher_samplers:
             clips, seconds = generate("digits_teacher", method, steps, None, churn)
             stochastic = {"churn": churn} if churn else {}
-            score("teacher", clips, seconds, sampler=method, **stochastic, steps=steps, nfe=nfes[method](steps))
+            nfe = 2 * steps - 1 if method == "heun" else steps
+            score("teacher", clips, seconds, sampler=method, **stochastic, steps=steps, nfe=nfe)
             name = f"{method}_churn{churn:g}" if churn else method
             write_frame_strip(clips.permute(0, 2, 3, 4, 1)[:10], out / f"teacher_{name}_{steps}.png")
     for name, guidance in (("scd", 1.0), ("sct", None)):

@@ -124,9 +124,10 @@ def sample_heun(
     for t, t_next in zip(ts[:-1], ts[1:]):
         sigma = model.sigma_d * math.tan(t)
         if gamma > 0 and churn_sigmas[0] <= sigma <= churn_sigmas[1]:
-            t_hat = math.atan(sigma * (1 + gamma) / model.sigma_d)
+            sigma_hat = sigma * (1 + gamma)
+            t_hat = math.atan(sigma_hat / model.sigma_d)
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            extra = model.sigma_d * math.sqrt(math.tan(t_hat) ** 2 - math.tan(t) ** 2) * s_noise
+            extra = math.sqrt(sigma_hat**2 - sigma**2) * s_noise
             x, t = math.cos(t_hat) * (x / math.cos(t) + extra * z), t_hat
         d = model.velocity(x, t, **cond)
         x_euler = x + (t_next - t) * d
