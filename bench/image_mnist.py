@@ -18,7 +18,9 @@ over three seeds (one seed's FID moves by about 0.2 here); all samples are class
 unguided (s = 1). Students are scored on three power-EMA averages; their own is the one with the best
 2-step FID on seeds 1-3 (`--select-seeds`), and every reported score uses other seeds, 4-6 (`--seeds`),
 for the teacher too. Sampling time is the wall clock of generating and decoding the samples in batches
-of 250.
+of 250. The teacher's best is sought with Heun and DPM-Solver++(2M) at 2-32 steps and with DPM-Solver++
+alone at 64 and 128 (`--dpmpp-steps`): its FID still falls a little past 63 NFE, where DPM-Solver++
+matches Heun at half the NFE (docs/benchmarks.md 5i).
 
 Targets (issue 3): 2-step sCD FID within 1.15x of the teacher's best, and 2-step sampling at least
 15x faster than the teacher at the NFE where its FID stops improving (the smallest NFE whose FID is
@@ -76,7 +78,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--train-seed", type=int, default=0, help="seed of the networks' init and of training (a replicate)")
     p.add_argument("--speed-rounds", type=int, default=5, help="rounds of the side-by-side speed ratio")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
-    p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="Heun and DPM-Solver++")
+    p.add_argument("--dpmpp-steps", type=int, nargs="*", default=[64, 128],
+                   help="DPM-Solver++(2M) alone at these steps too (one NFE a step)")  # fmt: skip
     p.add_argument("--churn", type=float, nargs="*", default=[],
                    help="also score the teacher with EDM's stochastic Heun at these S_churn values")  # fmt: skip
     return p.parse_args()
@@ -198,6 +202,8 @@ def main() -> None:
         rows.append(evaluate("teacher", teacher, "dpmpp_2m", steps, steps, None))
         for churn in args.churn:
             rows.append(evaluate("teacher", teacher, "heun", steps, 2 * steps - 1, None, churn=churn))
+    for steps in sorted(set(args.dpmpp_steps) - set(args.teacher_steps)):
+        rows.append(evaluate("teacher", teacher, "dpmpp_2m", steps, steps, None))
     selection: dict[str, dict[str, float]] = {}
     for name in args.students:
         guidance, run = (1.0 if name == "scd" else None), out / f"{name}{args.tag}"
