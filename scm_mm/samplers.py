@@ -119,6 +119,9 @@ def sample_heun(
     variable, and the state is rescaled by cos t_hat / cos t.
     """
     ts = _check_times(t_steps)
+    if not churn >= 0 or not s_noise >= 0 or not 0 <= churn_sigmas[0] <= churn_sigmas[1]:
+        raise ValueError(f"need churn >= 0, s_noise >= 0 and 0 <= S_tmin <= S_tmax; got churn={churn}, "
+                         f"s_noise={s_noise}, churn_sigmas={tuple(churn_sigmas)}")  # fmt: skip
     gamma = min(churn / (len(ts) - 1), math.sqrt(2) - 1) if churn > 0 else 0.0
     x = noise
     for t, t_next in zip(ts[:-1], ts[1:]):

@@ -76,13 +76,16 @@ def test_stochastic_heun_keeps_the_marginals():
     assert (too_noisy.std(0) > 1.07 * gauss.stds[0]).all()
 
 
-def test_churn_zero_is_the_ode_and_needs_heun(gm):
+def test_churn_zero_is_the_ode_needs_heun_and_refuses_bad_settings(gm):
     kw = dict(steps=8, seed=3, dtype=torch.float64)
     ode = sample(gm, (64, 2), method="heun", **kw)
     assert torch.equal(sample(gm, (64, 2), method="heun", churn=0.0, **kw), ode)
     assert not torch.equal(sample(gm, (64, 2), method="heun", churn=5.0, **kw), ode)
     with pytest.raises(ValueError, match="churn"):
         sample(gm, (64, 2), method="dpmpp_2m", churn=5.0, **kw)
+    for bad in ({"churn": -1.0}, {"churn": math.nan}, {"s_noise": -0.5}, {"churn_sigmas": (50.0, 0.05)}):
+        with pytest.raises(ValueError, match="churn >= 0"):
+            sample_heun(gm, torch.zeros(4, 2, dtype=torch.float64), [1.5, 0.7, 0.0], **{"churn": 1.0, **bad})
 
 
 def test_too_few_steps_fail_the_bound(gm, reference):
