@@ -7,8 +7,12 @@
 #     OUT=gpu_out bash bench/gpu_checks.sh tests kernel   # only the steps named
 #
 # The repository is put on PYTHONPATH as its packages (no install); wheels in .whl/ (xformers, diffusers,
-# av, ...) are installed to /tmp/site first if present. Each step has its own time limit, so one that
-# hangs or fails leaves the others' figures; the order is what matters most first.
+# av, ...) are installed to /tmp/site first if present. For xformers on torch 2.11.0+cu130: PyPI's 0.0.35 has
+# no CUDA operator there (docs/benchmarks.md 9b); 0.0.35.dev1147 is pure Python over `mslk`, whose
+# mslk-cuda 1.1.0 cp312 wheel (44.5 MB, links libcudart.so.13) finds all 118 torch symbols it needs in that
+# torch's libraries (nm, 2026-12-07, without a GPU). Carry those two wheels alone: carry is 64 MiB a call.
+# Each step has its own time limit, so one that hangs or fails leaves the others' figures; the order is what
+# matters most first.
 #   1. the CUDA tests of the attention dispatcher, the Triton kernel and the graphed JVP (issue 6)
 #   2. sCT / sCD / teacher training steps, bf16, with the eager and the CUDA-graphed JVP side by side:
 #      ImageNet-64 S, the video DiT-S preset (17 frames at 256x256 through a 16-channel 4x8x8 latent;
