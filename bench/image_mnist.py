@@ -65,6 +65,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--students", nargs="+", default=["scd", "sct"], help="which students to train and score")
     p.add_argument("--p-mean", type=float, default=0.2, help="students' time proposal: log(sigma_d tan t) mean")
     p.add_argument("--p-std", type=float, default=1.6, help="... and standard deviation")
+    p.add_argument("--tangent-norm", default="rms", choices=["rms", "l2", "clip"],
+                   help="students: how g is bounded (SCMLoss.tangent_norm)")  # fmt: skip
     p.add_argument("--guidance-max", type=float, default=1.0, help="sCD: teacher CFG scale s ~ U[1, this]; 1: none")
     p.add_argument("--tag", default="", help="suffix of the students' run folders (out/scd<tag>), for variants")
     p.add_argument("--eval-every", type=int, default=0, help="students: FID at 1 and 2 steps every N iterations")
@@ -160,7 +162,8 @@ def main() -> None:
     for name in args.students:
         teacher, student = load_teacher(out / "teacher", student_spec if name == "scd" else spec)
         guidance_range = (1.0, args.guidance_max) if args.guidance_max > 1 else None  # None: the teacher unguided
-        objective = SCMLoss(P_mean=args.p_mean, P_std=args.p_std, warmup_iters=200, guidance_range=guidance_range)
+        objective = SCMLoss(P_mean=args.p_mean, P_std=args.p_std, tangent_norm=args.tangent_norm, warmup_iters=200,
+                            guidance_range=guidance_range)  # fmt: skip
         hook = fid_curve(name, 1.0 if name == "scd" else None) if args.eval_every else None
         t0 = time.perf_counter()
         result = train(student, objective, dataset, student_opts, out / f"{name}{args.tag}",

@@ -1,0 +1,28 @@
+"""bench/image_mnist.py end to end at a few iterations, so the benchmark of issue 3 cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_mnist_bench_runs_and_reports_both_targets(tmp_path):
+    script = Path(__file__).parents[2] / "bench" / "image_mnist.py"
+    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--threads", "1", "--n", "40"]
+    cmd += ["--teacher-iters", "3", "--student-iters", "3", "--batch", "8", "--student-batch", "8"]
+    cmd += ["--teacher-steps", "2", "--dpmpp-steps", "2", "4", "--seeds", "4", "--select-seeds", "1"]
+    cmd += ["--ema", "0.1", "0.2", "--speed-rounds", "2"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    teacher = sorted((r["sampler"], r["steps"]) for r in results["rows"] if r["model"] == "teacher")
+    assert teacher == [("dpmpp_2m", 2), ("dpmpp_2m", 4), ("heun", 2)]  # DPM-Solver++ at 2 steps once
+    for name in ("scd", "sct"):
+        rows = [r for r in results["rows"] if r["model"] == name]
+        assert {(r["steps"], r["ema"]) for r in rows} == {(s, e) for s in (1, 2) for e in ("ema-0.100", "ema-0.200")}
+        assert sum(r["chosen"] for r in rows) == 2  # one average: its 1- and 2-step rows
+        assert (tmp_path / f"{name}_consistency_2.png").exists()
+    summary = results["summary"]
+    assert summary["teacher_best"]["fid"] == min(r["fid"] for r in results["rows"] if r["model"] == "teacher")
+    assert summary["scd2_fid_over_teacher"] > 0
+    assert len(summary["teacher_plateau_time_over_scd2_side_by_side"]["rounds"]) == 2
