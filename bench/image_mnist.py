@@ -1,6 +1,6 @@
 """MNIST on a CPU: offline FID of the teacher at its best sampler and NFE, and of sCD and sCT at 1 and 2 steps.
 
-    python bench/image_mnist.py --out bench_out/mnist      # about 40 minutes alone on 2 cores; reruns reuse runs
+    python bench/image_mnist.py --out bench_out/mnist      # 46 minutes alone on 2 cores; reruns reuse runs
     python bench/image_mnist.py --out bench_out/mnist --students scd --tag _cfg --guidance-max 2 \
         --eval-every 125 --teacher-steps 32 --seeds 1   # a student variant beside the same teacher
 
