@@ -62,6 +62,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--student-lr-ref", type=int, default=125, help="students: EDM2 decay t_ref; 0 = constant lr")
     p.add_argument("--student-cooldown", type=int, default=0, help="students: linear lr decay to 0 over the last N")
     p.add_argument("--student-clip", type=float, default=None, help="students: clip the gradient norm to this")
+    p.add_argument("--student-beta2", type=float, default=0.99, help="students: Adam's beta2 (App. G: 0.99)")
     p.add_argument("--students", nargs="+", default=["scd", "sct"], help="which students to train and score")
     p.add_argument("--p-mean", type=float, default=0.2, help="students' time proposal: log(sigma_d tan t) mean")
     p.add_argument("--p-std", type=float, default=1.6, help="... and standard deviation")
@@ -127,6 +128,7 @@ def main() -> None:
     student_opts = TrainOptions(iters=args.student_iters, batch_size=args.student_batch,
                                 lr=args.student_lr, lr_ref_iters=args.student_lr_ref, ema_sigma_rels=tuple(args.ema),
                                 lr_cooldown_iters=args.student_cooldown, max_grad_norm=args.student_clip,
+                                betas=(0.9, args.student_beta2),
                                 eval_every=args.eval_every, **common)  # fmt: skip
     modality = ImageModality()
 
