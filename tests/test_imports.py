@@ -57,4 +57,8 @@ def test_pyproject_lists_every_package():
     found |= {"scm_mm_configs"} | {p.parent.name for p in (root / "modalities").glob("*/__init__.py")}
     found |= {"scm_mm_image." + ".".join(p.parent.relative_to(root / "modalities" / "scm_mm_image").parts)
               for p in (root / "modalities" / "scm_mm_image").rglob("*/__init__.py")}
+    # Config groups are namespace packages of .yaml files: unlisted, setuptools warns and may drop them.
+    configs = root / "configs"
+    found |= {"scm_mm_configs." + ".".join(d.relative_to(configs).parts)
+              for d in configs.rglob("*") if d.is_dir() and d.name != "__pycache__"}
     assert listed == found
