@@ -335,7 +335,8 @@ def train(
         pending.append(step_loss)
         stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0) + grad_norm.float()
 
-        # Logging: one host sync per log interval.
+        # Logging: losses and stats reach the host once per log interval. (The step itself waits on the
+        # device once per micro-batch, to drop non-finite inputs, and once to skip a non-finite gradient.)
         if it % options.log_every == 0 or it == options.iters or it == stop_at:
             losses = torch.stack(pending)
             if info.enabled:  # the mean over ranks (gloo has no ReduceOp.AVG)
