@@ -14,7 +14,9 @@ rather than arithmetic (on a GPU at training sizes one video DiT-S JVP issued 49
 
 from __future__ import annotations
 
+import functools
 import itertools
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,6 +52,7 @@ def jvp(
     """
     if mode not in ("dual", "func"):
         raise ValueError(f"mode must be 'dual' or 'func', got {mode!r}")
+    _load_forward_ad_decompositions()
     with torch.no_grad():
         if mode == "func":
             result = torch.func.jvp(fn, tuple(primals), tuple(tangents))
@@ -58,6 +61,18 @@ def jvp(
             dual = forward_ad.unpack_dual(fn(*map(forward_ad.make_dual, primals, tangents)))
             out, tangent = dual.primal, dual.tangent
     return out, torch.zeros_like(out) if tangent is None else tangent  # None: fn ignores its inputs
+
+
+@functools.cache
+def _load_forward_ad_decompositions() -> None:
+    """Load what torch loads on the first dual tensor, without its warning.
+
+    torch 2.14 registers its forward-AD decompositions through torch.jit.script and so warns, on the first
+    JVP of every run, that torch.jit.script is deprecated: nothing a caller of scm-mm can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        getattr(forward_ad, "_maybe_load_decompositions", lambda: None)()
 
 
 class CUDAGraphJVP:

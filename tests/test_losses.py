@@ -1,5 +1,7 @@
 """sCT / sCD losses against float64 references built straight from the paper's equations."""
 
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,3 +261,14 @@ def test_jvp_of_a_function_that_ignores_its_inputs_is_zero():
         assert torch.equal(out, const * 2) and torch.equal(tangent, torch.zeros(3))
     with pytest.raises(ValueError, match="'dual' or 'func'"):
         jvp(lambda x: x, (torch.zeros(3),), (torch.ones(3),), mode="forward")
+
+
+def test_the_first_jvp_of_a_run_raises_no_torch_deprecation_warning():
+    # A fresh interpreter: torch loads its forward-AD decompositions once per process.
+    code = (
+        "import torch\n"
+        "from scm_mm.jvp import jvp\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.SiLU(), torch.nn.GroupNorm(2, 4))\n"
+        "jvp(net, (torch.randn(2, 3),), (torch.randn(2, 3),))\n"
+    )
+    subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], check=True)
