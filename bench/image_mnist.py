@@ -8,10 +8,11 @@ The whole pipeline of the library, at a resolution a CPU can train in minutes: t
 digits resized to 16x16, pixels in [-1, 1], the mnist-tiny U-Net (class-conditional). A TrigFlow
 teacher trains with the diffusion loss (batch 64, 2,000 iterations); sCD distils it and sCT trains from
 the data, both initialised from the teacher's EMA (App. G.2), at batch 128 for 3,000 iterations with
-Adam 1e-4 and EDM2's inverse-square-root decay (t_ref 125), the time proposal of SANA-Sprint
+Adam 1e-4 and EDM2's inverse-square-root decay (t_ref 30), the time proposal of SANA-Sprint
 (log-normal 0.2, 1.6) and, for sCD, the teacher without CFG (`--guidance-max 2` distils CFG at
-s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5d and 5h give the runs behind each choice;
-5f, the variants that did not help (`--student-cooldown`, `--student-clip`).
+s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5d, 5h and 5l give the runs behind each
+choice; 5f, 5j and 5k, the variants that did not help (`--student-cooldown`, `--student-clip`, `--tangent-norm`,
+`--student-beta2`, a slower decay).
 FID is computed in the feature space of a small classifier trained on the same digits (the SC09
 recipe), against all 5,000 real digits, with the same number of samples for every model, averaged
 over three seeds (one seed's FID moves by about 0.2 here); all samples are class-balanced and
@@ -59,7 +60,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="the teacher's batch")
     p.add_argument("--student-batch", type=int, default=128)
     p.add_argument("--student-lr", type=float, default=1e-4)
-    p.add_argument("--student-lr-ref", type=int, default=125, help="students: EDM2 decay t_ref; 0 = constant lr")
+    p.add_argument("--student-lr-ref", type=int, default=30, help="students: EDM2 decay t_ref; 0 = constant lr")
     p.add_argument("--student-cooldown", type=int, default=0, help="students: linear lr decay to 0 over the last N")
     p.add_argument("--student-clip", type=float, default=None, help="students: clip the gradient norm to this")
     p.add_argument("--student-beta2", type=float, default=0.99, help="students: Adam's beta2 (App. G: 0.99)")
