@@ -12,8 +12,10 @@ import torch.multiprocessing as mp
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.data import TensorPairs
 from scm_mm.nn.unet import UNet
+from scm_mm.train.build import teacher_mismatch
 from scm_mm.train.checkpoint import (
     build_from_spec,
+    canonical_spec,
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -135,7 +137,26 @@ def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
 def test_checkpoint_spec_refuses_foreign_targets():
     with pytest.raises(ValueError, match="refusing"):
         build_from_spec({"_target_": "os.system", "command": "true"})
+    with pytest.raises(ValueError, match="refusing"):
+        canonical_spec({"_target_": "os.system", "command": "true"})
     assert isinstance(build_from_spec(NET), UNet)
+
+
+def test_canonical_spec_writes_out_the_class_defaults():
+    canonical = canonical_spec({**NET, "channel_mult": (1, 2)})
+    assert canonical == canonical_spec({**NET, "dropout": 0.0, "qk_norm": True})  # both UNet defaults
+    assert canonical["channel_mult"] == [1, 2] and canonical["dropout"] == 0.0 and canonical["emb_dim"] is None
+    assert json.loads(json.dumps(canonical)) == canonical
+
+
+def test_teacher_mismatch_names_real_differences_only():
+    spec = {"net": NET, "precond": {"sigma_d": 0.5}}
+    defaults = {"net": {**NET, "qk_norm": True}, "precond": {"sigma_d": 0.5, "time_scale": 1000.0}}
+    assert teacher_mismatch(spec, defaults) == []
+    student = {"net": {**NET, "dropout": 0.2, "guidance_embed": True}, "precond": spec["precond"]}
+    assert teacher_mismatch(student, spec) == []  # what a student may change
+    other = {"net": {**NET, "head_channels": 16}, "precond": {"sigma_d": 0.5, "logvar_channels": 0}}
+    assert teacher_mismatch(other, spec) == ["  net.head_channels: 16 != 64", "  precond.logvar_channels: 0 != 128"]
 
 
 def test_learning_rate_schedule_and_batch_split():

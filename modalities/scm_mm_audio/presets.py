@@ -12,7 +12,8 @@ convolutions work for any number of frames divisible by `frame_multiple(net)`, s
 generates clips of any length (AudioSCM.generate(seconds=...)).
 
 A checkpoint stores the net as {"_target_": "scm_mm_audio.presets.build_mel_net", "name": ..., **overrides}
-(scm_mm.train.checkpoint.build_from_spec), so a preset is data, as in scm_mm_image.presets.
+(scm_mm.train.checkpoint.build_from_spec), so a preset is data, as in scm_mm_image.presets; `mel_net_spec`
+writes the same net out as a DiT or UNet spec, and the two compare equal when a student meets its teacher.
 
     preset      family  for                                        params (M), 12 classes
     notes-dit   DiT     the embedded notes on a CPU (small_16k)      1.30 (64 bins)
@@ -33,6 +34,7 @@ from torch import nn
 
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
+from scm_mm.train.checkpoint import build_from_spec, register_preset_builder
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 16 tokens of 2 frames for the notes' 32 frames; the teacher trains at about 9 iterations/s at
@@ -49,24 +51,37 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_mel_net(
+def _target(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def mel_net_spec(
     name: str,                      # a key of PRESETS
     in_channels: int,               # "1d": channels * n_mels; "2d": audio channels
     num_classes: int = 0,           # 0 = unconditional
     guidance_embed: bool = False,   # the sCD student's CFG scale input (App. G.2)
     dropout: float = 0.0,           # sCT regularisation (App. G); 0 for teachers of small data and sCD
     **overrides: Any,               # any DiT or UNet keyword, e.g. depth=8
-) -> nn.Module:
-    """The preset `name` as a DiT (layout "1d") or a 2-D UNet (layout "2d")."""
+) -> dict[str, Any]:
+    """The preset written out as the DiT (layout "1d") or 2-D UNet (layout "2d") spec that `build_mel_net` builds."""
     if name not in PRESETS:
         raise KeyError(f"unknown mel network preset {name!r}; presets: {sorted(PRESETS)}")
     preset = dict(PRESETS[name])
     family = preset.pop("family")
     common = {"num_classes": num_classes, "guidance_embed": guidance_embed, "dropout": dropout}
     if family == "dit":
-        kwargs = {"patch_size": (preset.pop("patch"),), **preset, **common, **overrides}
-        return DiT(in_channels, **kwargs)
-    return UNet(in_channels, dims=2, **{**preset, **common, **overrides})
+        patch = (preset.pop("patch"),)
+        return {"_target_": _target(DiT), "in_channels": in_channels, "patch_size": patch, **preset, **common,
+                **overrides}  # fmt: skip
+    return {"_target_": _target(UNet), "in_channels": in_channels, "dims": 2, **preset, **common, **overrides}
+
+
+def build_mel_net(name: str, in_channels: int, **options: Any) -> nn.Module:
+    """The preset `name` as a DiT (layout "1d") or a 2-D UNet (layout "2d"); the options are `mel_net_spec`'s."""
+    return build_from_spec(mel_net_spec(name, in_channels, **options))
+
+
+register_preset_builder(build_mel_net, mel_net_spec)  # a teacher stored either way starts the same students
 
 
 def frame_multiple(net: nn.Module) -> int:

@@ -1,8 +1,10 @@
 """The paper's image networks as U-Net presets: one registry of plain `UNet` keyword dicts, `PRESETS`.
 
-A checkpoint stores its net as the JSON spec {"_target_": "scm_mm.nn.unet.UNet", **kwargs}
-(`scm_mm.train.checkpoint.build_from_spec`), so a preset is data: `unet_spec(name, **overrides)` gives
-that spec and `build_unet(name, **overrides)` the module. Per-run options are overrides, e.g.
+A checkpoint stores its net as a JSON spec (`scm_mm.train.checkpoint.build_from_spec`), so a preset is
+data: the app's configs store {"_target_": "scm_mm_image.presets.build_unet", "name": ..., **overrides}
+(configs/net/), `unet_spec(name, **overrides)` the same net written out as {"_target_": "scm_mm.nn.unet.UNet",
+**kwargs}, and `build_unet(name, **overrides)` builds the module. Both specs compare equal when a student
+starts from a teacher (`canonical_spec`). Per-run options are overrides, e.g.
 `dropout` (sCT vs sCD rates, App. G), `guidance_embed=True` for an sCD student that takes the CFG
 scale (App. G.2), `num_classes`.
 
@@ -29,6 +31,7 @@ import inspect
 from typing import Any
 
 from scm_mm.nn.unet import UNet
+from scm_mm.train.checkpoint import register_preset_builder
 
 UNET_TARGET = "scm_mm.nn.unet.UNet"
 
@@ -154,8 +157,8 @@ def unet_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def unet_spec(name: str, **overrides: Any) -> dict[str, Any]:
-    """The JSON spec a checkpoint stores, {"_target_": "scm_mm.nn.unet.UNet", **kwargs}, with tuples
-    as lists; `build_from_spec(unet_spec(name))` builds the same net as `build_unet(name)`."""
+    """The preset written out, {"_target_": "scm_mm.nn.unet.UNet", **kwargs}, with tuples as lists;
+    `build_from_spec(unet_spec(name))` builds the same net as `build_unet(name)`."""
     kwargs = unet_kwargs(name, **overrides)
     return {"_target_": UNET_TARGET, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
 
@@ -163,3 +166,6 @@ def unet_spec(name: str, **overrides: Any) -> dict[str, Any]:
 def build_unet(name: str, **overrides: Any) -> UNet:
     """UNet(**preset `name`, **overrides), e.g. build_unet("imagenet512-M", dropout=0.1, guidance_embed=True)."""
     return UNet(**unet_kwargs(name, **overrides))
+
+
+register_preset_builder(build_unet, unet_spec)  # a teacher stored either way starts the same students

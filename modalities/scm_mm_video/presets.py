@@ -2,8 +2,10 @@
 
 A checkpoint stores its net as {"_target_": "scm_mm_video.presets.build_video_net", "name": ..., **overrides}
 (scm_mm.train.checkpoint.build_from_spec; configs/net/digits_dit.yaml, video_dit_*.yaml), so a preset is
-data, as in scm_mm_image.presets and scm_mm_audio.presets. Per-run options are the keywords of
-`build_video_net`: `num_classes`, `guidance_embed=True` for an sCD student (App. G.2), `dropout` (sCT).
+data, as in scm_mm_image.presets and scm_mm_audio.presets; `video_net_spec` writes the same net out as
+{"_target_": "scm_mm_video.dit.VideoDiT", **kwargs}, and the two compare equal when a student meets its
+teacher. Per-run options are the keywords of `video_net_spec`: `num_classes`, `guidance_embed=True` for an
+sCD student (App. G.2), `dropout` (sCT).
 
     preset        for                                                    tokens   params (M)
     digits-dit    9-frame 32x32 Moving digits through a 2x4x4 VAE,            80      2.832976
@@ -43,6 +45,7 @@ from typing import Any
 from torch import nn
 
 from scm_mm.nn.dit import DiT
+from scm_mm.train.checkpoint import register_preset_builder
 
 from .dit import VideoDiT
 
@@ -71,28 +74,40 @@ PARAM_COUNTS: dict[str, int] = {
 _VIDEO_DIT_KWARGS = frozenset(inspect.signature(DiT.__init__).parameters) - {"self"}  # VideoDiT passes them on
 
 
-def build_video_net(
+def video_net_spec(
     name: str,  # a key of VIDEO_NET_PRESETS
     in_channels: int,  # latent channels
     num_classes: int = 0,  # 0 = unconditional
     guidance_embed: bool = False,  # the sCD student's CFG scale input (App. G.2)
     dropout: float = 0.0,  # in each block's MLP (sCT regularisation, App. G)
     **overrides: Any,  # any VideoDiT keyword, e.g. depth=8 or attention="factorized"
-) -> VideoDiT:
-    """VideoDiT(**preset `name`, **overrides), e.g. build_video_net("video-dit-b", 16, num_classes=101)."""
+) -> dict[str, Any]:
+    """The preset written out, {"_target_": "scm_mm_video.dit.VideoDiT", **kwargs}: what `build_video_net` builds."""
     if name not in VIDEO_NET_PRESETS:
         raise KeyError(f"unknown video network preset {name!r}; presets: {sorted(VIDEO_NET_PRESETS)}")
     unknown = set(overrides) - _VIDEO_DIT_KWARGS
     if unknown:
         raise TypeError(f"VideoDiT has no argument(s) {sorted(unknown)}; it takes {sorted(_VIDEO_DIT_KWARGS)}")
-    kwargs = {
+    return {
+        "_target_": f"{VideoDiT.__module__}.{VideoDiT.__qualname__}",
+        "in_channels": in_channels,
         **VIDEO_NET_PRESETS[name],
         "num_classes": num_classes,
         "guidance_embed": guidance_embed,
         "dropout": dropout,
         **overrides,
     }
-    return VideoDiT(in_channels, **kwargs)
+
+
+def build_video_net(name: str, in_channels: int, **options: Any) -> VideoDiT:
+    """VideoDiT(**preset `name`, **options), e.g. build_video_net("video-dit-b", 16, num_classes=101);
+    the options are `video_net_spec`'s."""
+    kwargs = video_net_spec(name, in_channels, **options)
+    del kwargs["_target_"]
+    return VideoDiT(**kwargs)
+
+
+register_preset_builder(build_video_net, video_net_spec)  # a teacher stored either way starts the same students
 
 
 def token_count(name_or_net: str | VideoDiT, latent_shape: Sequence[int]) -> int:

@@ -6,17 +6,31 @@ A model spec is `{"net": {"_target_": ..., **kwargs}, "precond": {"sigma_d": ...
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..modality import state_differences
 from ..precond import TrigFlowPrecond
-from .checkpoint import build_from_spec, ema_names, load_into, load_weights, read_meta, resolve_checkpoint
+from .checkpoint import (
+    build_from_spec,
+    canonical_spec,
+    ema_names,
+    load_into,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+)
 
 # Net settings a student may change relative to its teacher: the CFG-scale input of sCD (App. G.2)
 # and the dropout rate (App. G: sCT uses more dropout than the teacher).
 STUDENT_MAY_DIFFER = ("guidance_embed", "dropout")
+# The preconditioning a teacher and its student must share, with TrigFlowPrecond's defaults.
+PRECOND_DEFAULTS = {
+    name: inspect.signature(TrigFlowPrecond).parameters[name].default
+    for name in ("sigma_d", "time_scale", "logvar_channels")
+}
 
 
 def build_model(spec: Mapping[str, Any]) -> TrigFlowPrecond:
@@ -42,14 +56,21 @@ def load_model(checkpoint: str | Path, which: str | None = None) -> tuple[TrigFl
 
 
 def teacher_mismatch(student_spec: Mapping[str, Any], teacher_spec: Mapping[str, Any]) -> list[str]:
-    """Differences in architecture or parameterization that forbid starting the student from the teacher."""
-    s_net = {k: v for k, v in student_spec["net"].items() if k not in STUDENT_MAY_DIFFER}
-    t_net = {k: v for k, v in teacher_spec["net"].items() if k not in STUDENT_MAY_DIFFER}
-    lines = [f"  net.{line.strip()}" for line in state_differences(s_net, t_net)]
-    precond = ("sigma_d", "time_scale", "logvar_channels")
-    s_pre = {k: student_spec.get("precond", {}).get(k) for k in precond}
-    t_pre = {k: teacher_spec.get("precond", {}).get(k) for k in precond}
-    return lines + [f"  precond.{line.strip()}" for line in state_differences(s_pre, t_pre)]
+    """Differences in architecture or parameterization that forbid starting the student from the teacher.
+
+    Nets are compared as what they build (`canonical_spec`), so a preset's name and its written-out
+    keywords agree; a preconditioning field left out means its default.
+    """
+
+    def net(spec: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in canonical_spec(spec["net"]).items() if k not in STUDENT_MAY_DIFFER}
+
+    def precond(spec: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: spec.get("precond", {}).get(k, default) for k, default in PRECOND_DEFAULTS.items()}
+
+    lines = [f"  net.{line.strip()}" for line in state_differences(net(student_spec), net(teacher_spec))]
+    lines += [f"  precond.{line.strip()}" for line in state_differences(precond(student_spec), precond(teacher_spec))]
+    return lines
 
 
 def load_teacher(

@@ -14,11 +14,12 @@ safetensors for weights, `torch.load(weights_only=True)` for the state, json for
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,16 @@ def load_state(checkpoint: str | Path, rank: int | None = None) -> dict[str, Any
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _import_target(target: object) -> Any:
+    """The object a spec's `_target_` names, for scm-mm's own packages only."""
+    if not isinstance(target, str):
+        raise ValueError(f"a model spec needs a '_target_' string, got {target!r}")
+    if not target.startswith(ALLOWED_SPEC_PREFIXES):
+        raise ValueError(f"refusing to build {target!r} from a checkpoint: only {ALLOWED_SPEC_PREFIXES} are allowed")
+    module_name, _, attr = target.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     """`{"_target_": "package.module.Name", **kwargs}` -> Name(**kwargs), for scm-mm's own builders only.
 
@@ -197,17 +208,40 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     """
     spec = dict(spec)
     target = spec.pop("_target_", None)
-    if not isinstance(target, str):
-        raise ValueError(f"a model spec needs a '_target_' string, got {target!r}")
-    if not target.startswith(ALLOWED_SPEC_PREFIXES):
-        raise ValueError(f"refusing to build {target!r} from a checkpoint: only {ALLOWED_SPEC_PREFIXES} are allowed")
-    module_name, _, attr = target.rpartition(".")
-    builder = getattr(importlib.import_module(module_name), attr)
+    builder = _import_target(target)
     kwargs = {k: build_from_spec(v) if isinstance(v, Mapping) and "_target_" in v else v for k, v in spec.items()}
     module = builder(**kwargs)
     if not isinstance(module, nn.Module):
         raise TypeError(f"{target} built a {type(module).__name__}, not an nn.Module")
     return module
+
+
+# Preset builders, by target: how a spec {"_target_": builder, "name": preset, **overrides} expands into
+# the spec of the class it builds. A modality's presets module registers its builders when imported.
+PRESET_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {}
+
+
+def register_preset_builder(builder: Callable[..., nn.Module], expand: Callable[..., dict[str, Any]]) -> None:
+    """Declare that `builder(**kw)` builds what `build_from_spec(expand(**kw))` builds."""
+    PRESET_BUILDERS[f"{builder.__module__}.{builder.__qualname__}"] = expand
+
+
+def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """`spec` as the class it builds with every argument written out, to compare nets by what they are.
+
+    A preset builder's spec ("scm_mm_image.presets.build_unet", name "mnist-tiny") and the class spec it
+    stands for ("scm_mm.nn.unet.UNet" and its keywords) become the same dict: registered builders are
+    expanded, the class's own defaults fill the arguments left out, and tuples become lists, as in JSON.
+    """
+    target = spec.get("_target_")
+    builder = _import_target(target)  # importing a presets module registers its builders
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    if target in PRESET_BUILDERS:
+        return canonical_spec(PRESET_BUILDERS[str(target)](**kwargs))
+    if inspect.isclass(builder):
+        parameters = inspect.signature(builder).parameters.values()
+        kwargs = {**{p.name: p.default for p in parameters if p.default is not p.empty}, **kwargs}
+    return {"_target_": target, **json.loads(json.dumps(kwargs, default=repr))}
 
 
 def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from torch.func import jvp
 
 from scm_mm.nn.unet import AttentionBlock, ResBlock, UNet
-from scm_mm.train.checkpoint import build_from_spec
+from scm_mm.train.checkpoint import build_from_spec, canonical_spec
 from scm_mm_image.presets import PRESETS, build_unet, unet_kwargs, unet_spec
 
 # Model capacity in Mparams, sCM T4 (ImageNet 64x64) and T5 (ImageNet 512x512), = EDM2's counts.
@@ -75,6 +75,8 @@ def test_spec_round_trips_through_json(name: str) -> None:
         net = build_from_spec(spec)
     assert isinstance(net, UNet)
     assert shapes(net) == meta_shapes(name)
+    # the app's form of the same net (configs/net/) is the same net when a student meets its teacher
+    assert canonical_spec({"_target_": "scm_mm_image.presets.build_unet", "name": name}) == canonical_spec(spec)
 
 
 def test_overrides_reach_spec_and_net() -> None:

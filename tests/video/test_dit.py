@@ -18,8 +18,15 @@ from torch.func import jvp
 from scm_mm.nn.attention import attention_backend, naive_attention
 from scm_mm.nn.dit import DiT, SelfAttention
 from scm_mm.nn.embeddings import apply_rope, rope_angles, rope_axis_dims, rope_rotation
+from scm_mm.train.checkpoint import build_from_spec, canonical_spec
 from scm_mm_video.dit import VideoDiT
-from scm_mm_video.presets import PARAM_COUNTS, VIDEO_NET_PRESETS, build_video_net, token_count
+from scm_mm_video.presets import (
+    PARAM_COUNTS,
+    VIDEO_NET_PRESETS,
+    build_video_net,
+    token_count,
+    video_net_spec,
+)
 
 B = 2
 SHAPE = (B, 2, 3, 4, 4)  # (B, C, T, H, W): a 3 x 2 x 2 token grid with (1, 2, 2) patches
@@ -333,6 +340,16 @@ def test_preset_parameter_counts_on_meta_device(name: str) -> None:
     assert sum(p.numel() for p in factorized.parameters()) == count
     h = VIDEO_NET_PRESETS[name]["hidden"]
     assert sum(p.numel() for p in conditional.parameters()) == count + 102 * h + (256 * h + h)
+    # the preset written out builds the same net, and compares equal to the preset's name
+    spec = video_net_spec(name, in_channels, num_classes=101, guidance_embed=True)
+    with torch.device("meta"):
+        written_out = build_from_spec(spec)
+    assert {k: v.shape for k, v in written_out.state_dict().items()} == {
+        k: v.shape for k, v in conditional.state_dict().items()
+    }
+    by_name = {"_target_": "scm_mm_video.presets.build_video_net", "name": name, "in_channels": in_channels,
+               "num_classes": 101, "guidance_embed": True}  # fmt: skip
+    assert canonical_spec(by_name) == canonical_spec(spec)
 
 
 def test_token_counts_and_builder_errors() -> None:
