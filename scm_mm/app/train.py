@@ -23,7 +23,7 @@ from scm_mm.data import training_set
 from scm_mm.modality import get_modality
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_teacher
-from scm_mm.train.checkpoint import read_meta, resolve_checkpoint
+from scm_mm.train.checkpoint import canonical_spec, read_meta, resolve_checkpoint
 from scm_mm.train.distributed import barrier, init_distributed
 from scm_mm.train.loop import TrainOptions, train
 
@@ -31,8 +31,10 @@ CONFIG_PATH = "pkg://scm_mm_configs"
 
 
 def model_spec(cfg: DictConfig) -> dict[str, Any]:
-    """The JSON spec of the network and its preconditioning, stored in every checkpoint."""
-    return {"net": plain(cfg.net), "precond": plain(cfg.precond)}
+    """The JSON spec of the network and its preconditioning, stored in every checkpoint. The net is written
+    out in full (`canonical_spec`), so a checkpoint keeps its meaning when a preset changes; the preset's
+    name stays in the stored config."""
+    return {"net": canonical_spec(plain(cfg.net)), "precond": plain(cfg.precond)}
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:

@@ -241,7 +241,7 @@ def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     if inspect.isclass(builder):
         parameters = inspect.signature(builder).parameters.values()
         kwargs = {**{p.name: p.default for p in parameters if p.default is not p.empty}, **kwargs}
-    return {"_target_": target, **json.loads(json.dumps(kwargs, default=repr))}
+    return {"_target_": target, **json.loads(json.dumps(kwargs))}
 
 
 def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:

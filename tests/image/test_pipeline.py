@@ -18,11 +18,13 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from scm_mm.app import evaluate, sample, train
-from scm_mm.train.checkpoint import build_from_spec, list_checkpoints
+from scm_mm.nn.dit import SelfAttention
+from scm_mm.train.build import load_model
+from scm_mm.train.checkpoint import build_from_spec, list_checkpoints, read_meta
 from scm_mm_image import ImageSCM
 from scm_mm_image.data import MNIST
 from scm_mm_image.metrics import train_classifier
-from scm_mm_image.presets import unet_spec
+from scm_mm_image.presets import PRESETS, unet_spec
 
 TINY = [
     "train.batch_size=8", "train.progress=false",
@@ -97,6 +99,15 @@ def test_a_teacher_with_its_preset_written_out_starts_a_student(runs, tmp_path):
     assert [p.name for p in list_checkpoints(student)] == ["iter-000000001"]
 
 
+def test_a_checkpoint_keeps_its_net_when_a_preset_changes(runs, monkeypatch):
+    meta = read_meta(runs / "teacher")
+    assert meta["model"]["net"]["_target_"] == "scm_mm.nn.unet.UNet" and meta["model"]["net"]["head_channels"] == 32
+    assert meta["config"]["net"]["name"] == "mnist-tiny"
+    monkeypatch.setitem(PRESETS, "mnist-tiny", {**PRESETS["mnist-tiny"], "head_channels": 16})  # same weights
+    model, _ = load_model(runs / "teacher")
+    assert {m.heads for m in model.modules() if isinstance(m, SelfAttention)} == {64 // 32}
+
+
 def test_config_typos_get_hydras_error():
     with pytest.raises(ConfigCompositionException, match="itres"):
         config("train", ["train.itres=3"])
@@ -128,7 +139,9 @@ def test_every_experiment_composes_and_builds_its_net(name):
         return
     with torch.device("meta"):
         net = build_from_spec(train.plain(cfg.net))
+        stored = build_from_spec(train.model_spec(cfg)["net"])  # the net written out, as checkpoints hold it
     assert net.in_channels == cfg.data.shape[0]
+    assert {k: v.shape for k, v in stored.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
     assert cfg.train.batch_size % 8 == 0 and cfg.method.loss.sigma_d == cfg.modality.sigma_d
 
 
