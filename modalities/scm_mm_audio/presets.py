@@ -11,9 +11,9 @@ speaker) and, for an sCD student, the CFG scale as an input (App. G.2). Their to
 convolutions work for any number of frames divisible by `frame_multiple(net)`, so one model
 generates clips of any length (AudioSCM.generate(seconds=...)).
 
-A checkpoint stores the net as {"_target_": "scm_mm_audio.presets.build_mel_net", "name": ..., **overrides}
-(scm_mm.train.checkpoint.build_from_spec), so a preset is data, as in scm_mm_image.presets; `mel_net_spec`
-writes the same net out as a DiT or UNet spec, and the two compare equal when a student meets its teacher.
+A config names a preset as {"_target_": "scm_mm_audio.presets.build_mel_net", "name": ..., **overrides};
+`mel_net_spec` writes the same net out as a DiT or UNet spec, the form a checkpoint stores
+(scm_mm.train.checkpoint.canonical_spec), as in scm_mm_image.presets.
 
     preset      family  for                                        params (M), 12 classes
     notes-dit   DiT     the embedded notes on a CPU (small_16k)      1.30 (64 bins)

@@ -1,12 +1,11 @@
 """The paper's image networks as U-Net presets: one registry of plain `UNet` keyword dicts, `PRESETS`.
 
-A checkpoint stores its net as a JSON spec (`scm_mm.train.checkpoint.build_from_spec`), so a preset is
-data: the app's configs store {"_target_": "scm_mm_image.presets.build_unet", "name": ..., **overrides}
-(configs/net/), `unet_spec(name, **overrides)` the same net written out as {"_target_": "scm_mm.nn.unet.UNet",
-**kwargs}, and `build_unet(name, **overrides)` builds the module. Both specs compare equal when a student
-starts from a teacher (`canonical_spec`). Per-run options are overrides, e.g.
-`dropout` (sCT vs sCD rates, App. G), `guidance_embed=True` for an sCD student that takes the CFG
-scale (App. G.2), `num_classes`.
+A config names a preset as {"_target_": "scm_mm_image.presets.build_unet", "name": ..., **overrides}
+(configs/net/); `unet_spec(name, **overrides)` writes the same net out as {"_target_": "scm_mm.nn.unet.UNet",
+**kwargs}, the form a checkpoint stores (`scm_mm.train.checkpoint.canonical_spec`, so an edited preset cannot
+change an old checkpoint), and `build_unet(name, **overrides)` builds the module. Per-run options are
+overrides, e.g. `dropout` (sCT vs sCD rates, App. G), `guidance_embed=True` for an sCD student that takes
+the CFG scale (App. G.2), `num_classes`.
 
 Parameter counts, measured on the meta device (class table included, guidance embedding not;
 tests/image/test_presets.py checks them against the paper, T4-T5):

@@ -1,11 +1,11 @@
 """Video denoisers as presets: one registry of `VideoDiT` keyword dicts, `VIDEO_NET_PRESETS`.
 
-A checkpoint stores its net as {"_target_": "scm_mm_video.presets.build_video_net", "name": ..., **overrides}
-(scm_mm.train.checkpoint.build_from_spec; configs/net/digits_dit.yaml, video_dit_*.yaml), so a preset is
-data, as in scm_mm_image.presets and scm_mm_audio.presets; `video_net_spec` writes the same net out as
-{"_target_": "scm_mm_video.dit.VideoDiT", **kwargs}, and the two compare equal when a student meets its
-teacher. Per-run options are the keywords of `video_net_spec`: `num_classes`, `guidance_embed=True` for an
-sCD student (App. G.2), `dropout` (sCT).
+A config names a preset as {"_target_": "scm_mm_video.presets.build_video_net", "name": ..., **overrides}
+(configs/net/digits_dit.yaml, video_dit_*.yaml); `video_net_spec` writes the same net out as
+{"_target_": "scm_mm_video.dit.VideoDiT", **kwargs}, the form a checkpoint stores
+(scm_mm.train.checkpoint.canonical_spec), as in scm_mm_image.presets and scm_mm_audio.presets. Per-run
+options are the keywords of `video_net_spec`: `num_classes`, `guidance_embed=True` for an sCD student
+(App. G.2), `dropout` (sCT).
 
     preset        for                                                    tokens   params (M)
     digits-dit    9-frame 32x32 Moving digits through a 2x4x4 VAE,            80      2.832976
