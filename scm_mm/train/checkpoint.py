@@ -239,9 +239,21 @@ def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     if target in PRESET_BUILDERS:
         return canonical_spec(PRESET_BUILDERS[str(target)](**kwargs))
     if inspect.isclass(builder):
-        parameters = inspect.signature(builder).parameters.values()
-        kwargs = {**{p.name: p.default for p in parameters if p.default is not p.empty}, **kwargs}
+        kwargs = {**_defaults(builder), **kwargs}
     return {"_target_": target, **json.loads(json.dumps(kwargs))}
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of `cls(...)`, following **kwargs into the base's __init__ (VideoDiT -> DiT)."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        parameters = inspect.signature(klass).parameters.values()
+        for p in parameters:
+            if p.default is not p.empty:
+                defaults.setdefault(p.name, p.default)  # the subclass's default wins
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return defaults
 
 
 def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:

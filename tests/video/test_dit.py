@@ -352,6 +352,13 @@ def test_preset_parameter_counts_on_meta_device(name: str) -> None:
     assert canonical_spec(by_name) == canonical_spec(spec)
 
 
+def test_a_spec_that_leaves_defaults_out_is_the_same_net() -> None:
+    """VideoDiT passes most keywords on to DiT: their defaults count too."""
+    by_hand = {"_target_": "scm_mm_video.dit.VideoDiT", "in_channels": 4, "hidden": 192, "depth": 4, "heads": 4}
+    assert canonical_spec(by_hand) == canonical_spec(video_net_spec("digits-dit", 4))
+    assert canonical_spec({**by_hand, "heads": 2}) != canonical_spec(video_net_spec("digits-dit", 4))
+
+
 def test_token_counts_and_builder_errors() -> None:
     assert token_count("digits-dit", (4, 5, 8, 8)) == 80
     assert token_count("video-dit-b", (16, 5, 32, 32)) == 1280
