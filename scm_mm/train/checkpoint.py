@@ -231,7 +231,7 @@ def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     A preset builder's spec ("scm_mm_image.presets.build_unet", name "mnist-tiny") and the class spec it
     stands for ("scm_mm.nn.unet.UNet" and its keywords) become the same dict: registered builders are
-    expanded, the class's own defaults fill the arguments left out, and tuples become lists, as in JSON.
+    expanded, the class's defaults fill the arguments left out, and tuples become lists, as in JSON.
     """
     target = spec.get("_target_")
     builder = _import_target(target)  # importing a presets module registers its builders
