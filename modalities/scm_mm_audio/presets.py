@@ -34,7 +34,7 @@ from torch import nn
 
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
-from scm_mm.train.checkpoint import build_from_spec, register_preset_builder
+from scm_mm.train.checkpoint import build_from_spec, register_preset_builder, spec_target
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 16 tokens of 2 frames for the notes' 32 frames; the teacher trains at about 9 iterations/s at
@@ -49,10 +49,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mel-unet-m": {"family": "unet", "model_channels": 128, "channel_mult": (1, 2, 3, 4), "num_blocks": 3,
                    "attn_levels": (2, 3)},  # fmt: skip
 }
-
-
-def _target(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def mel_net_spec(
@@ -71,9 +67,9 @@ def mel_net_spec(
     common = {"num_classes": num_classes, "guidance_embed": guidance_embed, "dropout": dropout}
     if family == "dit":
         patch = (preset.pop("patch"),)
-        return {"_target_": _target(DiT), "in_channels": in_channels, "patch_size": patch, **preset, **common,
+        return {"_target_": spec_target(DiT), "in_channels": in_channels, "patch_size": patch, **preset, **common,
                 **overrides}  # fmt: skip
-    return {"_target_": _target(UNet), "in_channels": in_channels, "dims": 2, **preset, **common, **overrides}
+    return {"_target_": spec_target(UNet), "in_channels": in_channels, "dims": 2, **preset, **common, **overrides}
 
 
 def build_mel_net(name: str, in_channels: int, **options: Any) -> nn.Module:

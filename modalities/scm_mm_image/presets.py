@@ -30,9 +30,9 @@ import inspect
 from typing import Any
 
 from scm_mm.nn.unet import UNet
-from scm_mm.train.checkpoint import register_preset_builder
+from scm_mm.train.checkpoint import register_preset_builder, spec_target
 
-UNET_TARGET = "scm_mm.nn.unet.UNet"
+UNET_TARGET = spec_target(UNet)
 
 
 def _edm2(in_channels: int, model_channels: int) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from typing import Any
 from torch import nn
 
 from scm_mm.nn.dit import DiT
-from scm_mm.train.checkpoint import register_preset_builder
+from scm_mm.train.checkpoint import register_preset_builder, spec_target
 
 from .dit import VideoDiT
 
@@ -89,7 +89,7 @@ def video_net_spec(
     if unknown:
         raise TypeError(f"VideoDiT has no argument(s) {sorted(unknown)}; it takes {sorted(_VIDEO_DIT_KWARGS)}")
     return {
-        "_target_": f"{VideoDiT.__module__}.{VideoDiT.__qualname__}",
+        "_target_": spec_target(VideoDiT),
         "in_channels": in_channels,
         **VIDEO_NET_PRESETS[name],
         "num_classes": num_classes,

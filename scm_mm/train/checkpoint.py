@@ -221,9 +221,14 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
 PRESET_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {}
 
 
+def spec_target(obj: Callable[..., Any]) -> str:
+    """The `_target_` that names a class or function in a spec: "package.module.Name"."""
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
 def register_preset_builder(builder: Callable[..., nn.Module], expand: Callable[..., dict[str, Any]]) -> None:
     """Declare that `builder(**kw)` builds what `build_from_spec(expand(**kw))` builds."""
-    PRESET_BUILDERS[f"{builder.__module__}.{builder.__qualname__}"] = expand
+    PRESET_BUILDERS[spec_target(builder)] = expand
 
 
 def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
