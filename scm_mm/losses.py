@@ -104,6 +104,15 @@ def _draw_time_and_noise(
     return {"t": t, "z": z}
 
 
+def check_same_sigma_d(sigma_d: float, **models: torch.nn.Module | None) -> None:
+    """Refuse models whose sigma_d differs from the loss's: the same t is another noise level in their frame."""
+    found = {name: getattr(unwrap(m), "sigma_d", None) for name, m in models.items() if m is not None}
+    differ = {name: s for name, s in found.items() if s is not None and not math.isclose(s, sigma_d)}
+    if differ:
+        listed = ", ".join(f"{name} {s}" for name, s in differ.items())
+        raise ValueError(f"sigma_d differs between the loss ({sigma_d}) and the {listed}")
+
+
 def log_weight(model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor | None:
     """w(t) from the model's adaptive-weight head (`TrigFlowPrecond.logvar`), or None without one."""
     head = getattr(unwrap(model), "logvar", None)
@@ -176,6 +185,7 @@ class DiffusionLoss:
         z: torch.Tensor | None = None,  # the noise; None: drawn
         label_drop: torch.Tensor | None = None,  # which labels to drop; None: drawn
     ) -> tuple[torch.Tensor, Stats]:
+        check_same_sigma_d(self.sigma_d, model=model)
         x0, labels, draws, dropped = drop_nonfinite(x0, labels, {"t": t, "z": z, "label_drop": label_drop})
         t, z = _time_and_noise(self, x0, draws.get("t"), draws.get("z"), generator)
         labels = drop_labels(labels, self.label_dropout, generator, draws.get("label_drop"))
@@ -326,6 +336,7 @@ class SCMLoss:
         guidance: torch.Tensor | None = None,  # sCD: the guidance scale of each sample (B,); None: drawn
     ) -> SCMTerms:
         """F (with grad), F- and the normalised g for one batch; `__call__` turns them into the loss."""
+        check_same_sigma_d(self.sigma_d, student=student, teacher=teacher)
         x0, labels, draws, dropped = drop_nonfinite(x0, labels, {"t": t, "z": z, "guidance": guidance})
         guidance = draws.get("guidance")
         B, device = x0.shape[0], x0.device

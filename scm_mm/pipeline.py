@@ -86,7 +86,11 @@ class SCMPipeline:
     ) -> torch.Tensor:
         """x0 samples (n, C, *dims) before decoding; the same seed gives the same samples."""
         ys = self.labels_for(n, labels)
-        generator = torch.Generator(self.device).manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        generator = torch.Generator(self.device)
+        if seed is None:
+            generator.seed()  # a fresh seed for this generator alone (torch.seed() would reseed the global one)
+        else:
+            generator.manual_seed(seed)
         out = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)

@@ -22,6 +22,7 @@ Times = Sequence[float] | torch.Tensor
 
 def _check_times(t_steps: Times) -> list[float]:
     ts = [float(t) for t in t_steps]
+    ts = [HALF_PI if HALF_PI < t <= HALF_PI + 1e-6 else t for t in ts]  # float32(pi/2) rounds up by 4e-8
     if len(ts) < 2 or ts[-1] != 0.0:
         raise ValueError(f"t_steps must have at least two entries and end at 0, got {ts}")
     if any(not (0.0 <= t <= HALF_PI) for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):

@@ -239,6 +239,18 @@ def test_bad_shapes_and_times_are_refused():
         SCMLoss(tangent_norm="max")
 
 
+def test_a_sigma_d_that_differs_from_the_loss_is_refused():
+    gm, student = make_mixture(), make_student(sigma_d=0.6)
+    x0, _, _ = batch(gm)
+    with pytest.raises(ValueError, match=r"loss \(0.5\) and the model 0.6"):
+        DiffusionLoss(sigma_d=0.5)(student, x0)
+    with pytest.raises(ValueError, match=r"loss \(0.5\) and the student 0.6"):
+        SCMLoss(sigma_d=0.5)(student, x0)
+    with pytest.raises(ValueError, match=r"loss \(0.6\) and the teacher 1.0$"):
+        SCMLoss(sigma_d=0.6)(student, x0, teacher=make_mixture(sigma_d=1.0))
+    SCMLoss(sigma_d=0.6)(student, x0, teacher=make_mixture(sigma_d=0.6))
+
+
 def test_optimizer_step_skips_nonfinite_loss_and_counts_nothing_into_weights():
     student = make_student()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)

@@ -137,6 +137,15 @@ def test_consistency_times():
         consistency_times(2, sigma_d=0.5, t_mid=1.6)
 
 
+def test_sampling_may_start_at_pi_over_2_given_in_float32(gm):
+    model = ExactConsistencyModel(gm, steps=8)
+    t_steps = torch.tensor([math.pi / 2, 1.1, 0.0])  # float32(pi/2) is 4e-8 above pi/2
+    x = sample(model, (16, 2), t_steps=t_steps, seed=0, dtype=torch.float64)
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="decrease"):
+        sample(model, (16, 2), t_steps=[1.5708, 1.1, 0.0], seed=0)
+
+
 def test_teacher_times_follow_edm():
     ts = teacher_times(18, sigma_d=0.5)
     assert len(ts) == 19 and ts[-1] == 0.0

@@ -77,6 +77,16 @@ def test_image_api_is_seeded(runs, tmp_path):
         model.generate(1, labels=[10])
 
 
+def test_an_unseeded_generate_leaves_the_global_rng_alone(runs):
+    model = ImageSCM.load(runs / "scd")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    a = model.generate(2, steps=1, labels=[1, 2])
+    assert torch.equal(torch.rand(3), expected)
+    assert not torch.equal(a, model.generate(2, steps=1, labels=[1, 2]))  # a fresh seed each call
+
+
 def test_a_teacher_of_another_architecture_or_parameterization_is_refused(runs, tmp_path):
     base = ["experiment=mnist_scd", f"run_dir={tmp_path}", f"method.teacher={runs / 'teacher'}", *TINY]
     with pytest.raises(ValueError, match=r"net\.model_channels: 32 != 16"):
