@@ -97,13 +97,16 @@ class VideoModality:
         reference: Dataset,                 # real clips: items (uint8 (C, T, H, W), label)
         classifier_path: str | None = None,  # a folder with the two classifiers; None: trained once and cached
         cache_dir: str | Path | None = None,
-        max_reference: int = 2000,
+        max_reference: int = 2000,          # real clips scored against: a random subset of this size
+        reference_seed: int = 0,            # which subset; fixed, so scores are reproducible
         **_: Any,                           # options of other modalities (features, inception_path, fps)
     ) -> dict[str, float]:
         """Frechet video distance and per-frame Frechet distance in the features of small classifiers
-        trained on the reference data, IS, precision and recall (scm_mm_video.metrics)."""
+        trained on the reference data, IS, precision and recall (scm_mm_video.metrics), with the size and
+        seed of the reference subset."""
         video_net, frame_net = cached_video_classifiers(reference, cache_dir, path=classifier_path)
-        return evaluate_video(media, reference, video_net, frame_net, max_reference=max_reference)
+        return evaluate_video(media, reference, video_net, frame_net, max_reference=max_reference,
+                              seed=reference_seed)  # fmt: skip
 
 
 class VideoSCM(SCMPipeline):

@@ -321,18 +321,34 @@ def cached_video_classifiers(
     return video, frame
 
 
+def subset_indices(size: int, n: int, seed: int = 0) -> torch.Tensor:
+    """min(n, size) distinct indices into a dataset of `size` items, drawn uniformly with `seed` and sorted
+    (all of them when n >= size). Not the first n: folders of real clips (VideoFolder, UCF-101) list their
+    items class by class, so the first 2,000 of UCF-101's 9.5k training clips hold about 20 of its 101
+    classes. The same (size, n, seed) always gives the same indices, so scores are reproducible."""
+    if n >= size:
+        return torch.arange(size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def _subset(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 clips (M, C, T, H, W), labels (M,), their indices (M,)) of `subset_indices(len, n, seed)`."""
+    indices = subset_indices(len(dataset), n, seed)
+    return (*_stack([dataset[i] for i in indices.tolist()]), indices)
+
+
 @torch.no_grad()
 def classifier_accuracy(
     dataset: Dataset,                     # labelled clips, e.g. the held-out split
     video_net: VideoClassifier,
     frame_net: FrameClassifier,
-    max_items: int = 1000,
-    seed: int = 0,                        # the broken orders
+    max_items: int = 1000,                # clips scored: a seeded random subset (subset_indices)
+    seed: int = 0,                        # the subset and the broken orders
 ) -> dict[str, float]:
-    """{"video", "frame"}: class accuracy of the two nets on the first max_items clips (every frame counts for
-    "frame"); "order_true", "order_shuffle", "order_reverse": how often the order head calls true clips true
-    and shuffled / reversed copies broken."""
-    clips, labels = _first(dataset, max_items)
+    """{"video", "frame"}: class accuracy of the two nets on max_items clips drawn with `seed` (every frame
+    counts for "frame"); "order_true", "order_shuffle", "order_reverse": how often the order head calls true
+    clips true and shuffled / reversed copies broken."""
+    clips, labels, _ = _subset(dataset, max_items, seed)
     generator = torch.Generator().manual_seed(seed)
     features, logits = extract_features(video_net, clips)
     frame_logits = extract_features(frame_net, all_frames(clips), 500)[1]
@@ -355,24 +371,22 @@ def classifier_accuracy(
 # ------------------------------------------------------------------------------------------ scores
 
 
-def _first(dataset: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first min(n, len) items: (uint8 clips (n, C, T, H, W), labels (n,))."""
-    return _stack([dataset[i] for i in range(min(len(dataset), n))])
-
-
 @torch.no_grad()
 def reference_features(
     reference: Dataset,                   # real clips: items (uint8 (C, T, H, W), label)
     video_net: VideoClassifier,
     frame_net: FrameClassifier,
-    max_reference: int = 2000,            # the first so many clips
+    max_reference: int = 2000,            # clips scored against: a seeded random subset of this size
+    seed: int = 0,                        # which subset (subset_indices); fixed, so scores are reproducible
 ) -> dict[str, torch.Tensor]:
-    """{"video": (M, D) features of the first M real clips, "frame": (M T, D') of all their frames,
-    "shape": (C, T, H, W) of the clips}, to score many generated sets against (`video_scores`)."""
-    clips = _first(reference, max_reference)[0]
+    """{"video": (M, D) features of M = min(max_reference, len) real clips, "frame": (M T, D') of all their
+    frames, "shape": (C, T, H, W) of the clips, "indices": (M,) which clips, "seed"}, to score many generated
+    sets against (`video_scores`). The clips are a uniform random subset, not the first M: see
+    `subset_indices`."""
+    clips, _, indices = _subset(reference, max_reference, seed)
     return {"video": extract_features(video_net, clips, 100)[0],
             "frame": extract_features(frame_net, all_frames(clips), 500)[0],
-            "shape": torch.tensor(clips.shape[1:])}
+            "shape": torch.tensor(clips.shape[1:]), "indices": indices, "seed": torch.tensor(seed)}
 
 
 @torch.no_grad()
@@ -401,12 +415,15 @@ def evaluate_video(
     reference: Dataset,                   # real clips: items (uint8 (C, T, H, W), label), of the same size
     video_net: VideoClassifier,
     frame_net: FrameClassifier,
-    max_reference: int = 2000,            # real clips scored against (the first so many)
+    max_reference: int = 2000,            # real clips scored against (a seeded random subset)
+    seed: int = 0,                        # which subset (subset_indices)
 ) -> dict[str, float]:
-    """{"fvd", "frame_fd", "is_mean", "is_std", "precision", "recall"} of generated clips against the first
-    max_reference reference clips; see the module docstring."""
-    real = reference_features(reference, video_net, frame_net, max_reference)
-    return video_scores(generated, real, video_net, frame_net)
+    """{"fvd", "frame_fd", "is_mean", "is_std", "precision", "recall"} of generated clips against
+    min(max_reference, len) reference clips drawn with `seed` (see the module docstring), and
+    "reference_clips", "reference_seed": the subset's size and seed, which with the dataset name its clips."""
+    real = reference_features(reference, video_net, frame_net, max_reference, seed)
+    scores = video_scores(generated, real, video_net, frame_net)
+    return {**scores, "reference_clips": len(real["indices"]), "reference_seed": seed}
 
 
 # ------------------------------------------------------------------------------------------ speed

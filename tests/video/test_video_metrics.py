@@ -25,6 +25,7 @@ from scm_mm_video.metrics import (
     evaluate_video,
     frames_per_second,
     reference_features,
+    subset_indices,
     train_frame_classifier,
     train_video_classifier,
     video_scores,
@@ -175,6 +176,41 @@ def test_scores_refuse_floats_and_clips_of_another_size(nets):
         evaluate_video(clips.float() / 127.5 - 1, reference, *nets)
     with pytest.raises(ValueError, match="reference"):
         evaluate_video(clips[:, :, :3], reference, *nets)
+
+
+class ByClass(Dataset):
+    """`per_class` constant clips of each class, listed class by class (as VideoFolder lists UCF-101); records
+    which items were read."""
+
+    def __init__(self, classes: int = 3, per_class: int = 10) -> None:
+        self.labels = [i // per_class for i in range(classes * per_class)]
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.read.append(i)
+        return torch.full((1, 3, 8, 8), 20 * self.labels[i], dtype=torch.uint8), self.labels[i]
+
+
+def test_the_reference_set_is_a_seeded_random_subset_not_the_first_clips():
+    data = ByClass(classes=3, per_class=10)
+    nets = VideoClassifier(width=4).eval(), FrameClassifier(width=4).eval()
+    real = reference_features(data, *nets, max_reference=9)
+    chosen = sorted(data.read)
+    assert {data.labels[i] for i in chosen} == {0, 1, 2}  # the first 9 would all be class 0
+    assert real["indices"].tolist() == chosen and len(set(chosen)) == 9
+    data.read.clear()
+    again = reference_features(data, *nets, max_reference=9)  # deterministic: the same clips, the same features
+    assert sorted(data.read) == chosen and torch.equal(again["video"], real["video"])
+    assert reference_features(data, *nets, max_reference=9, seed=1)["indices"].tolist() != chosen
+    assert reference_features(data, *nets, max_reference=99)["indices"].tolist() == list(range(30))
+    scores = evaluate_video(torch.stack([data[i][0] for i in range(4)]), data, *nets, max_reference=9)
+    assert (scores["reference_clips"], scores["reference_seed"]) == (9, 0)
+    # UCF-101's shape: 101 classes listed in order, 2,000 of ~9.5k clips; the first 2,000 span 22 classes.
+    labels = subset_indices(101 * 95, 2000) // 95
+    assert len(labels.unique()) == 101 and torch.equal(labels, subset_indices(101 * 95, 2000) // 95)
 
 
 def test_frames_per_second_is_frames_over_the_median_call():
