@@ -52,7 +52,8 @@ step env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --f
     python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)";
     python3 -c "import xformers, xformers.ops; print(\"xformers\", xformers.__version__)";
     python3 -c "from scm_mm.nn.attention import auto_backends; print(\"auto backends on cuda:\", auto_backends(\"cuda\"))"'
-step tests 120 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m "gpu or not slow" tests/test_triton_attention.py tests/test_attention.py tests/test_cuda_graph_jvp.py
+step tests 120 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m "gpu or not slow" tests/test_triton_attention.py tests/test_attention.py tests/test_cuda_graph_jvp.py \
+    tests/video/test_autoencoder.py tests/audio/test_vocoder_train.py
 step steps 150 python3 bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 16 --repeats 5 \
     --tangent-method jvp cuda_graph_jvp
 step profile 60 python3 bench/step_time.py --nets video-dit-s imagenet64-S --precision bf16 --batch 16 --repeats 2 --profile

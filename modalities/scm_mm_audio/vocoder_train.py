@@ -164,11 +164,12 @@ def _save_checkpoint(
 
 
 def train_vocoder(
-    vocoder: Vocos,                     # initialised; trained in place on its current device
+    vocoder: Vocos,                     # initialised; trained in place
     dataset: Any,                       # raw items (wave (channels, samples) float, label), .sample_rate
     options: VocoderOptions,
     run_dir: str | Path,
     *,
+    device: torch.device | str | None = None,  # where to train; None: where `vocoder` is
     stop_at: int | None = None,         # end after that iteration, as a kill would: no extra checkpoint
 ) -> VocoderResult:
     """Train `vocoder` on random crops of `dataset`; see the module docstring for the run folder."""
@@ -185,9 +186,9 @@ def train_vocoder(
     if samples <= longest // 2:  # the STFT's reflect padding needs more samples than n_fft / 2
         raise ValueError(f"segment_frames={options.segment_frames} gives {samples}-sample crops; the MR-STFT loss "
                          f"needs more than {longest // 2}")  # fmt: skip
-    device = next(vocoder.parameters()).device
+    device = torch.device(device) if device is not None else next(vocoder.parameters()).device
     torch.manual_seed(options.seed)
-    vocoder.train()
+    vocoder.to(device).train()
     optimizer = torch.optim.AdamW(
         vocoder.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
     )

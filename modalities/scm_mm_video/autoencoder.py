@@ -187,8 +187,10 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+        # Drawn where the generator lives (a CPU generator gives the same noise on any device), then moved.
+        device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, summed over the latent: (B,)."""

@@ -103,11 +103,12 @@ def _save_checkpoint(run_dir: Path, it: int, vae: VideoVAE, optimizer: torch.opt
 
 
 def train_video_vae(
-    vae: VideoVAE,                      # initialised; trained in place on its current device
+    vae: VideoVAE,                      # initialised; trained in place
     options: VAEOptions,
     dataset: Any,                       # raw items (clip uint8 (C, T, H, W), label)
     run_dir: str | Path,
     *,
+    device: torch.device | str | None = None,  # where to train; None: where `vae` is
     stop_at: int | None = None,         # end after that iteration, as a kill would: no extra checkpoint
 ) -> VAEResult:
     """Train `vae` on random clips of `dataset`; see the module docstring for the run folder."""
@@ -117,8 +118,8 @@ def train_video_vae(
     channels = torch.as_tensor(dataset[0][0]).shape[0]
     if channels != vae.in_channels:
         raise ValueError(f"the clips have {channels} channel(s), the autoencoder takes {vae.in_channels}")
-    device = next(vae.parameters()).device
-    vae.train()
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=options.lr, betas=options.betas,
                                   weight_decay=options.weight_decay)  # fmt: skip
     it = 0
@@ -176,7 +177,7 @@ def train_video_vae(
     bar.close()
     writer.close()
     if it == options.iters:
-        result.vae_dir = run_dir / "vae" if (run_dir / "vae").exists() else save_video_vae(vae, run_dir / "vae")
+        result.vae_dir = save_video_vae(vae, run_dir / "vae")  # also when a finished run was extended
     vae.eval()
     result.iteration = it
     return result
@@ -186,7 +187,8 @@ def train_video_vae(
 def reconstruction_psnr(vae: Any, dataset: Any, n: int = 64, batch_size: int = 16) -> dict[str, Any]:
     """PSNR (dB, peak 255) of decode_raw(encode_raw(x)) over the first n clips: overall and per frame position."""
     errors = []
-    for start in range(0, min(n, len(dataset)), batch_size):
+    n = min(n, len(dataset))
+    for start in range(0, n, batch_size):
         media = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(start, min(start + batch_size, n))])
         recon = ((vae.decode_raw(vae.encode_raw(to_unit(media))).clamp(-1, 1) + 1) * 127.5).round()
         errors.append((recon - media.float()).square().transpose(1, 2).flatten(2).mean(2))  # (B, T) per frame

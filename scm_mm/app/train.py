@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> Any:
     if method.get("trainer"):  # a modality's own model that is not an sCM (a vocoder): its own loop
         if info.enabled:
             raise ValueError(f"method {method.name!r} trains on one process; launch it without torchrun")
-        return instantiate(method.trainer)(dataset=raw, run_dir=run_dir)
+        return instantiate(method.trainer)(dataset=raw, run_dir=run_dir, device=info.device)
     codec = instantiate(cfg.modality.codec)
     if not getattr(codec, "fitted", True):  # normalisation measured on the data (mel statistics)
         source = method.get("teacher") or method.get("init_from")

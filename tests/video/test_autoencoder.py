@@ -5,11 +5,14 @@ import json
 
 import pytest
 import torch
+from helpers import config
 
+from scm_mm.app import train
+from scm_mm_video import vae_train
 from scm_mm_video.autoencoder import VideoVAE, VideoVAEConfig, load_video_vae, save_video_vae, vae_preset
 from scm_mm_video.codec import VideoLatentCodec, codec_from_state
 from scm_mm_video.data import MovingDigits
-from scm_mm_video.vae_train import VAEOptions, train_video_vae
+from scm_mm_video.vae_train import VAEOptions, reconstruction_psnr, train_video_vae
 
 TINY = dict(in_channels=1, latent_channels=2, base_channels=8, channel_mult=(1, 2), temporal_factor=2, patch_size=2,
             groups=4)  # fmt: skip
@@ -88,6 +91,40 @@ def test_training_reduces_the_loss_and_a_killed_run_resumes_exactly(tmp_path):
     longer = train_video_vae(tiny(), VAEOptions(iters=40, batch_size=4, lr=3e-3, warmup_iters=0, log_every=10,
                                                 ckpt_every=100, progress=False), data, tmp_path / "longer")  # fmt: skip
     assert sum(longer.losses[-5:]) < 0.7 * sum(longer.losses[:5])
+
+
+def test_extending_a_finished_run_rewrites_its_vae_folder(tmp_path):
+    data = MovingDigits(size=8, frames=5, resolution=16, digit_size=8)
+    options = VAEOptions(iters=2, batch_size=2, warmup_iters=0, ckpt_every=2, progress=False)
+    train_video_vae(tiny(), options, data, tmp_path)
+    vae = tiny()
+    result = train_video_vae(vae, VAEOptions(**{**options.__dict__, "iters": 4}), data, tmp_path)
+    assert (result.start_iteration, result.iteration) == (2, 4)
+    saved = load_video_vae(result.vae_dir).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in vae.state_dict().items())  # not the 2-iteration weights
+
+
+def test_reconstruction_psnr_scores_at_most_the_dataset():
+    data = MovingDigits(size=3, frames=5, resolution=16, digit_size=8)
+    scores = reconstruction_psnr(tiny().eval(), data, n=64, batch_size=2)
+    assert len(scores["psnr_per_frame"]) == 5 and scores["psnr"] > 0
+
+
+def test_the_train_app_trains_the_autoencoder_on_its_device(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(vae_train, "train_video_vae", lambda *args, **kwargs: calls.append(kwargs))
+    train.run(config("train", ["experiment=digits_vae", f"run_dir={tmp_path}", "data.dataset.size=2", "device=cpu"]))
+    assert calls[0]["device"] == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_repeats_the_cpu_losses(tmp_path):
+    data = MovingDigits(size=8, frames=5, resolution=16, digit_size=8)
+    options = VAEOptions(iters=3, batch_size=2, warmup_iters=0, progress=False)
+    cpu = train_video_vae(tiny(), options, data, tmp_path / "cpu")
+    cuda = train_video_vae(tiny(), options, data, tmp_path / "cuda", device="cuda")
+    assert next(iter(load_video_vae(cuda.vae_dir).state_dict().values())).device.type == "cpu"
+    assert cuda.losses == pytest.approx(cpu.losses, rel=1e-3)
 
 
 def test_codec_fits_statistics_and_refuses_another_autoencoder(tmp_path):
