@@ -2,6 +2,7 @@
 
     python examples/generate_video.py                          # train once (about 29 minutes on 2 cores), then reuse
     python examples/generate_video.py --checkpoint runs/digits_scd --out digits.mp4 --frames 17
+    python examples/generate_video.py --checkpoint runs/digits_teacher --method heun --steps 32   # the teacher
 
 Without --checkpoint, it trains the library's recipe (configs/experiment/digits_vae.yaml, digits_teacher.yaml and
 digits_scd.yaml) on the embedded Moving-MNIST clips (two real MNIST digits of one class bouncing in a 32x32 frame,
@@ -9,6 +10,10 @@ digits_scd.yaml) on the embedded Moving-MNIST clips (two real MNIST digits of on
 latents, and an sCD student initialised from the teacher's EMA. The runs live in the cache folder ($SCM_MM_CACHE, or
 ~/.cache/scm-mm) and resume where they stopped, so a second call only samples. The clips cycle through the classes
 (clip k shows two digits k mod 10); `--strip` also writes a .png of their frames side by side.
+
+--checkpoint takes any video run or checkpoint: an sCD or sCT student samples in --steps consistency steps, a
+diffusion teacher with an ODE solver (--method; by default heun, 32 steps). --guidance is the CFG scale input
+of a CFG-distilled sCD student only: teachers and sCT students have none.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from scm_mm.app import train
+from scm_mm.samplers import ODE_SAMPLERS
 from scm_mm_video import VideoSCM
 from scm_mm_video.io import write_frame_strip
 
@@ -56,9 +62,13 @@ def main() -> None:
     p.add_argument("--checkpoint", help="a run or checkpoint directory; default: train (or reuse) the recipe")
     p.add_argument("--out", default="digits.mp4", help="digits.mp4 -> digits-000.mp4, digits-001.mp4, ...")
     p.add_argument("--n", type=int, default=10)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--method", choices=["consistency", *ODE_SAMPLERS], default=None,
+                   help="sampler; default: heun for a diffusion teacher, consistency for an sCD/sCT student")
+    p.add_argument("--steps", type=int, default=None, help="default: 2 (consistency), 32 (an ODE solver)")
+    p.add_argument("--t-mid", type=float, default=1.1, help="consistency sampling: t of the intermediate step(s)")
     p.add_argument("--frames", type=int, default=None, help="clip length; default: as trained (9)")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale input of the sCD student")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale input of a CFG-distilled sCD student (default: 1); not for other models")
     p.add_argument("--fps", type=float, default=None, help="default: the training clips' frame rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strip", action="store_true", help="also write <out stem>-strip.png")
@@ -76,7 +86,11 @@ def main() -> None:
                  "digits_scd": args.student_iters}  # fmt: skip
         run = train_recipe(args.cache or cache_root(), iters, args.clips)
     model = VideoSCM.load(run)
-    videos = model.generate(args.n, steps=args.steps, frames=args.frames, guidance=args.guidance, seed=args.seed)
+    method = args.method or ("heun" if model.meta.get("method") == "diffusion" else "consistency")
+    steps = args.steps if args.steps is not None else 2 if method == "consistency" else 32
+    videos = model.generate(args.n, steps=steps, frames=args.frames, guidance=args.guidance, seed=args.seed,
+                            method=method, t_mid=args.t_mid)  # fmt: skip
+    print(f"{model.meta.get('method', 'model')} checkpoint: {method} sampler, {steps} steps")
     for path in model.save_mp4(args.out, fps=args.fps):
         print(f"wrote {path}")
     if args.strip:
