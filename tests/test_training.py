@@ -122,6 +122,18 @@ def test_previews_evaluations_and_logs(tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5]
 
 
+def test_the_network_decides_whether_the_labels_are_used(tmp_path):
+    """An unconditional net trains on a labelled dataset without its labels (the paper's CIFAR-10); a net
+    built for fewer classes than the dataset has is refused before the first step."""
+    unconditional = TrigFlowPrecond(build_from_spec({**NET, "num_classes": 0}), sigma_d=0.5, logvar_channels=8)
+    with pytest.warns(UserWarning, match="without the dataset's 3 class labels"):
+        result = train(unconditional, DiffusionLoss(label_dropout=0.1), dataset(), options(iters=1), tmp_path / "a")
+    assert len(result.losses) == 1
+    five = TensorPairs(dataset().x0, dataset().labels, num_classes=5)
+    with pytest.raises(ValueError, match="5 classes but the network was built for 3"):
+        train(make_model(), DiffusionLoss(), five, options(iters=1), tmp_path / "b")
+
+
 def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
     train(make_model(), DiffusionLoss(), dataset(), options(iters=6, keep_last=2), tmp_path, meta={"net": NET})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000004", "iter-000000006"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from ..jvp import unwrap
 from ..losses import DiffusionLoss, SCMLoss
+from ..nn.embeddings import ConditionEmbedding
 from ..precond import TrigFlowModel
 from .checkpoint import load_state, load_weights, resume_source, save_checkpoint
 from .distributed import DistInfo, Strategy, per_rank_batch, wrap_model
@@ -124,6 +126,38 @@ def make_ema(model: nn.Module, options: TrainOptions) -> EMA | PowerEMA | None:
 def sampling_model(model: nn.Module, ema: EMA | PowerEMA | None) -> nn.Module:
     """The weights to sample with: the first EMA average, or the model itself without one."""
     return next(iter(ema.named_averages().values())) if ema is not None else unwrap(model)
+
+
+def network_classes(model: nn.Module) -> int | None:
+    """The classes the network was built for (0: unconditional), or None for a net that does not say
+    (one without scm-mm's ConditionEmbedding)."""
+    return next((m.num_classes for m in model.modules() if isinstance(m, ConditionEmbedding)), None)
+
+
+def use_labels(model: nn.Module, dataset: Dataset) -> bool:
+    """Whether the loop conditions on the dataset's labels: the network decides, not the dataset.
+
+    An unconditional net on a labelled dataset (the paper's CIFAR-10 runs, App. G) trains without
+    the labels; a net built for fewer classes than the dataset has is refused before the first step.
+    """
+    data_classes = int(getattr(dataset, "num_classes", 0))
+    net_classes = network_classes(model)
+    if net_classes is None:
+        return data_classes > 0
+    if net_classes == 0:
+        if data_classes:
+            warnings.warn(
+                f"the network is unconditional (num_classes=0): training without the dataset's "
+                f"{data_classes} class labels",
+                stacklevel=3,
+            )
+        return False
+    if data_classes > net_classes:
+        raise ValueError(
+            f"the dataset has {data_classes} classes but the network was built for {net_classes}: set the "
+            f"data config's num_classes to {data_classes} (or 0 for an unconditional model)"
+        )
+    return data_classes > 0
 
 
 def _batches(
@@ -226,7 +260,7 @@ def train(
         raise ValueError(f"the dataset has {n} items, fewer than one micro-batch on each of {info.world_size} rank(s)")
 
     torch.manual_seed(options.seed * 7919 + info.rank)  # dropout masks differ per rank
-    labelled = bool(getattr(dataset, "num_classes", 0))
+    labelled = use_labels(model, dataset)
 
     model.to(device).train()
     ema = make_ema(model, options)  # full-weight averages on every rank (see ema._full)

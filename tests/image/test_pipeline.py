@@ -4,12 +4,15 @@ Also the refusals: a config typo, a teacher of another architecture or parameter
 """
 
 import json
+import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import config
@@ -65,6 +68,35 @@ def test_eval_app_scores_samples(runs, tmp_path):
     result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=20", "solver=heun", "steps=4",
                                           "churn=5", f"classifier_path={tmp_path / 'clf'}", "device=cpu"]))  # fmt: skip
     assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and result["is_mean"] >= 1
+
+
+def _fake_cifar10(root: Path) -> Path:
+    """The CIFAR-10 python archive's layout (cifar-10-batches-py/) with 8 random images per batch, labels 0-9."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for seed, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
+        rng = np.random.default_rng(seed)
+        batch = {b"labels": rng.integers(0, 10, 8).tolist(), b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8)}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return root
+
+
+def test_cifar10_experiments_train_unconditionally_on_the_labelled_archive(tmp_path):
+    """The paper's CIFAR-10 runs are unconditional (data.num_classes 0, so the net has no label input) on a
+    dataset that has 10 classes: the loop trains without the labels instead of passing them to the net."""
+    data = _fake_cifar10(tmp_path / "cifar")
+    small = ["net=mnist_tiny", "+net.in_channels=3", f"data.dataset.root={data}", "train.iters=1",
+             "train.precision=fp32", *TINY]  # fmt: skip
+    teacher = tmp_path / "teacher"
+    runs = [["data=cifar10", f"run_dir={teacher}"]]  # a diffusion teacher, then the two paper experiments
+    runs += [[f"experiment={name}", f"{source}={teacher}", f"run_dir={tmp_path / name}"]
+             for name, source in (("cifar10_sct", "method.init_from"), ("cifar10_scd", "method.teacher"))]
+    for overrides in runs:
+        cfg = config("train", [*overrides, *small])
+        assert cfg.data.num_classes == 0 and cfg.net.num_classes == 0
+        with pytest.warns(UserWarning, match="without the dataset's 10 class labels"):
+            result = train.run(cfg)
+        assert result.iteration == 1 and math.isfinite(result.losses[0])
 
 
 def test_image_api_is_seeded(runs, tmp_path):
