@@ -30,9 +30,9 @@ Grey clips: with `media_channels=1` a 3-channel VAE gets the grey frame replicat
 decode_raw returns the mean of the decoded RGB channels.
 
 Statistics: `latents_mean`/`latents_std` are the per-channel lists the VAE ships (Wan: config fields;
-LTX-Video: its buffers, zeros and ones unless trained; CogVideoX configs may carry them, usually not), else
-None: the caller then measures them on data (VideoLatentCodec.fit). CogVideoX's scaling_factor is a single
-number for the scaled latents and is recorded by describe(), never applied.
+LTX-Video: its buffers, unless they hold diffusers' initial zeros and ones, which are no statistics; CogVideoX
+configs may carry them, usually not), else None: the caller then measures them on data (VideoLatentCodec.fit).
+CogVideoX's scaling_factor is a single number for the scaled latents and is recorded by describe(), never applied.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ def _statistics(name: str, vae: Any, channels: int) -> tuple[list[float] | None,
     """The per-channel latent mean and std the VAE ships (raw units), or (None, None)."""
     if name == "AutoencoderKLLTXVideo":
         mean, std = vae.latents_mean.float().tolist(), vae.latents_std.float().tolist()
+        if all(m == 0 for m in mean) and all(s == 1 for s in std):
+            # diffusers' initial buffers, not statistics: a converted or fine-tuned VAE that never had them
+            # trained (and tiny debug models) would otherwise count as fitted and x0 would miss sigma_d.
+            return None, None
     else:
         mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
     if mean is None and std is None:

@@ -111,6 +111,23 @@ def test_shipped_latent_statistics_are_read(folders, tmp_path):
         load_diffusers_video_vae(tmp_path / "wan16")
 
 
+def test_an_ltx_vae_with_its_initial_zero_one_buffers_ships_no_statistics(tmp_path):
+    from scm_mm_video.codec import VideoLatentCodec
+
+    untrained = build("ltx")
+    untrained.latents_mean.zero_()
+    untrained.latents_std.fill_(1.0)  # as diffusers initialises them
+    untrained.save_pretrained(tmp_path / "ltx0")
+    vae = load_diffusers_video_vae(tmp_path / "ltx0")
+    assert (vae.latents_mean, vae.latents_std) == (None, None)
+    codec = VideoLatentCodec(vae, sigma_d=0.5)
+    assert not codec.fitted  # so the trainer measures them (fit) and x0 gets std sigma_d
+    clips = [(((video(9, seed=i)[0] + 1) * 127.5).round().to(torch.uint8), 0) for i in range(4)]
+    x0 = codec.fit(clips).encode(torch.stack([c for c, _ in clips]))
+    torch.testing.assert_close(x0.transpose(0, 1).flatten(1).std(1, correction=0), torch.full((4,), 0.5),
+                               rtol=1e-3, atol=1e-4)  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", TINY)
 def test_describe_identifies_the_weights_not_the_path(folders, tmp_path, kind):
     described = load_diffusers_video_vae(folders / kind).describe()
