@@ -96,17 +96,34 @@ def run(cfg: DictConfig) -> Any:
     if getattr(raw, "fps", None):  # the frame rate of video clips, for the writers
         meta["fps"] = float(raw.fps)
 
-    def preview(ema_model: torch.nn.Module, it: int) -> torch.Tensor:
-        pipe = SCMPipeline(ema_model, codec, modality, sample_shape, int(cfg.data.num_classes))  # type: ignore[arg-type]
-        guidance = 1.0 if cfg.method.guidance_input and cfg.data.num_classes else None
-        media = pipe.generate(
-            cfg.preview.n, steps=cfg.sampler.steps, method=cfg.sampler.method, t_mid=cfg.sampler.t_mid,
-            seed=cfg.preview.seed, guidance=guidance,
+    pipeline = getattr(modality, "pipeline", SCMPipeline)  # the modality's API knows its media options
+    guidance = 1.0 if cfg.method.guidance_input and cfg.data.num_classes else None
+
+    def generate(ema_model: torch.nn.Module, n: int, seed: int) -> tuple[SCMPipeline, torch.Tensor, Any]:
+        """(pipeline, n decoded samples of the run's sampler, their labels)."""
+        pipe = pipeline(ema_model, codec, modality, sample_shape, int(cfg.data.num_classes), meta)  # type: ignore[arg-type]
+        labels = pipe.labels_for(n, None)  # a class-conditional model cycles through its classes
+        x0 = pipe.sample_latents(
+            n, steps=cfg.sampler.steps, method=cfg.sampler.method, t_mid=cfg.sampler.t_mid, seed=seed,
+            labels=labels, guidance=guidance,
         )  # fmt: skip
-        return modality.preview(media)
+        return pipe, pipe.codec.decode(x0), labels
+
+    def preview(ema_model: torch.nn.Module, it: int) -> torch.Tensor:
+        return modality.preview(generate(ema_model, cfg.preview.n, cfg.preview.seed)[1])
+
+    def evaluate(ema_model: torch.nn.Module, it: int) -> dict[str, float]:
+        """scm-mm-eval's metrics against the run's data, every train.eval_every iterations."""
+        options = cfg.evaluation
+        pipe, media, labels = generate(ema_model, options.n, options.seed)
+        metrics = modality.evaluate(  # type: ignore[attr-defined]
+            media, raw, labels=labels, features=options.features, inception_path=options.inception_path,
+            classifier_path=options.classifier_path, cache_dir=cache_dir, **pipe.media_options(),
+        )  # fmt: skip
+        return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
 
     return train(model, objective, dataset, train_options(cfg), run_dir, teacher=teacher, meta=meta,
-                 preview=preview, info=info)  # fmt: skip
+                 preview=preview, evaluate=evaluate if cfg.train.eval_every else None, info=info)  # fmt: skip
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
