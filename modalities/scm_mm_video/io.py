@@ -18,6 +18,8 @@ the last frame is shown until the stream's stated end. Errors, always a `VideoEr
 a missing file, one FFmpeg cannot open (corrupt, not a video), no video stream, no decodable frame.
 A truncated file (decoding fails part way, or the frames stop well before the stated duration) keeps
 the frames decoded before the damage, with a warning naming the file; if none decoded, `VideoError`.
+Decoding goes packet by packet and the decoder is flushed at the damage, so the frames still held in
+H.264's reorder buffer (B-frames) are kept too.
 An mp4 cut before its index (written without faststart) cannot be opened at all: `VideoError`.
 
 `probe` reads the headers only (no decoding): frame count (estimated from duration x rate when the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -216,24 +219,22 @@ def read_video(
         stop = math.inf if max_frames is None or fps is None else start + max_frames / out_fps
         times: list[float] = []   # seconds from the stream's start, increasing
         images: list[np.ndarray] = []
-        damage = None
-        try:
-            for frame in container.decode(stream):
-                t = float(frame.time) - origin if frame.time is not None else len(times) * period
-                if t >= stop - tol and times:
-                    break
-                if times and times[-1] <= start + tol and t <= start + tol:  # before the clip: keep only
-                    times.pop()                                                 # the frame shown at `start`
-                    images.pop()
-                times.append(t)
-                images.append(frame.to_ndarray(format="rgb24"))
-                if fps is None and max_frames is not None and _shown_at(times, start, tol) + max_frames <= len(times):
-                    break
-            else:  # decoded to the end: did the frames stop well before the stated end?
-                if times and stated_end and times[-1] + 1.5 * period < stated_end:
-                    damage = f"the frames stop at {times[-1]:.3f} s but the file states {stated_end:.3f} s"
-        except av.error.FFmpegError as e:
-            damage = f"decoding failed ({e})"
+        errors: list[str] = []
+        for frame in _decode(container, stream, errors):
+            t = float(frame.time) - origin if frame.time is not None else len(times) * period
+            if t >= stop - tol and times:
+                break
+            if times and times[-1] <= start + tol and t <= start + tol:  # before the clip: keep only
+                times.pop()                                                 # the frame shown at `start`
+                images.pop()
+            times.append(t)
+            images.append(frame.to_ndarray(format="rgb24"))
+            if fps is None and max_frames is not None and _shown_at(times, start, tol) + max_frames <= len(times):
+                break
+        else:  # decoded to the end: did the frames stop well before the stated end?
+            if not errors and times and stated_end and times[-1] + 1.5 * period < stated_end:
+                errors.append(f"the frames stop at {times[-1]:.3f} s but the file states {stated_end:.3f} s")
+        damage = errors[0] if errors else None
     if not images:
         raise VideoError(f"{path}: no decodable frame" + (f": {damage}" if damage else ""))
     if damage is not None:
@@ -249,6 +250,30 @@ def read_video(
         count = count if max_frames is None else min(count, max_frames)
         chosen = [_shown_at(times, start + k / out_fps, tol) for k in range(count)]
     return torch.from_numpy(np.stack([images[i] for i in chosen])), out_fps
+
+
+def _decode(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    errors: list[str],                     # the error that ended decoding is appended here
+) -> Iterator[av.VideoFrame]:
+    """The stream's frames in presentation order, decoded packet by packet. At the first packet that cannot be
+    read or decoded (a truncated or damaged file), the decoder is flushed before stopping: H.264 with B-frames
+    holds decoded pictures in its reorder buffer, which for a 9-17 frame clip can be all of them."""
+    try:
+        for packet in container.demux(stream):
+            yield from packet.decode()  # the demuxer's last, empty packet flushes the decoder at a clean end
+        return
+    except av.error.FFmpegError as e:
+        errors.append(f"decoding failed ({e})")
+    try:
+        flushed = stream.decode(None)
+    except av.error.FFmpegError:  # nothing left to flush
+        return
+    for frame in flushed:
+        if frame.time_base is None:  # a flush has no packet to take the time base from
+            frame.time_base = stream.time_base
+        yield frame
 
 
 def _shown_at(times: list[float], t: float, tol: float) -> int:

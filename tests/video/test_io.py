@@ -230,12 +230,18 @@ def test_a_truncated_file_keeps_the_frames_before_the_damage(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)  # noise: big frames
     good = write_mp4(frames, tmp_path / "good.mp4", 10, crf=10)
     data = good.read_bytes()
-    truncated = tmp_path / "truncated.mp4"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.warns(UserWarning, match="truncated.mp4"):
-        kept, _ = read_video(truncated)
+    with av.open(str(good)) as container:  # where each frame's packet lies in the file
+        packets = [(packet.pos, packet.size) for packet in container.demux(video=0) if packet.size]
     full, _ = read_video(good)
-    assert 0 < kept.shape[0] < 40 and torch.equal(kept, full[: kept.shape[0]])
+    for fraction in (0.3, 0.5, 0.9):
+        cut = int(len(data) * fraction)
+        truncated = tmp_path / "truncated.mp4"
+        truncated.write_bytes(data[:cut])
+        with pytest.warns(UserWarning, match="truncated.mp4"):
+            kept, _ = read_video(truncated)
+        # Every frame whose packet arrived whole, including those still in H.264's reorder buffer at the cut.
+        intact = sum(pos + size <= cut for pos, size in packets)
+        assert 0 < kept.shape[0] == intact < 40 and torch.equal(kept, full[:intact])
     # Cut just after the start of the frame data: the index is there (faststart), no frame decodes.
     headless = tmp_path / "headless.mp4"
     headless.write_bytes(data[: data.index(b"mdat") + 16])
