@@ -18,7 +18,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid
 
-from scm_mm.metrics.classifier import cached_classifier
+from scm_mm.metrics import media_batches, subset_indices
+from scm_mm.metrics.classifier import cached_classifier, extract_features
 from scm_mm.pipeline import SCMPipeline
 
 from .codecs import PixelCodec, SDVAECodec, codec_from_state
@@ -76,9 +77,13 @@ class ImageModality:
         inception_path: str | None = None,
         classifier_path: str | None = None,
         cache_dir: str | Path | None = None,
-        max_reference: int = 50_000,
+        max_reference: int = 50_000,    # real images scored against: a random subset of this size
+        reference_seed: int = 0,        # which subset; fixed, so scores are reproducible
+        batch_size: int = 100,          # images per forward pass of the extractor
     ) -> dict[str, float]:
-        """FID, IS, precision and recall of `images` against `reference`.
+        """FID, IS, precision and recall of `images` against min(max_reference, len) reference images drawn
+        uniformly with `reference_seed` (`subset_indices`: not the first ones, which an ImageFolder sorts by
+        class), with "reference_images" and "reference_seed", the subset's size and seed.
 
         "classifier": the feature space of a small classifier trained on the reference data (the
         SC09 recipe), loaded from `classifier_path` or trained once and cached by the data's
@@ -91,9 +96,10 @@ class ImageModality:
             extractor = self._classifier(reference, classifier_path, cache_dir)
         else:
             raise ValueError(f"features must be 'classifier' or 'inception', got {features!r}")
-        n = min(len(reference), max_reference)  # type: ignore[arg-type]
-        real = torch.stack([reference[i][0] for i in range(n)])
-        return evaluate_images(images, real, extractor)
+        indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
+        real = extract_features(extractor, media_batches(reference, indices, batch_size))[0]  # (M, D), streamed
+        scores = evaluate_images(images, real, extractor, batch_size)
+        return {**scores, "reference_images": len(indices), "reference_seed": reference_seed}
 
     @staticmethod
     def _classifier(reference: Dataset, path: str | None, cache_dir: str | Path | None) -> ClassifierFeatures:

@@ -7,6 +7,7 @@ VGGish, ...); these functions see only features (N, D) or class scores (N, K).
 from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
 from .precision_recall import knn_radii, manifold_coverage, precision_recall
+from .reference import media_batches, subset_indices
 from .sliced_wasserstein import sliced_wasserstein
 from .timing import median_seconds
 
@@ -16,7 +17,9 @@ __all__ = [
     "inception_score",
     "knn_radii",
     "manifold_coverage",
+    "media_batches",
     "median_seconds",
     "precision_recall",
     "sliced_wasserstein",
+    "subset_indices",
 ]

