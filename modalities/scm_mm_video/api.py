@@ -45,11 +45,15 @@ def clip_strip(media: torch.Tensor, max_frames: int = 9, gap: int = 2) -> torch.
 
 
 def video_paths(path: str | Path, n: int) -> list[Path]:
-    """Where n clips go: `path` itself for one clip with a known suffix, `stem-000.mp4`... for several, or
-    `000000.mp4`... inside `path` when it has no known suffix (a folder)."""
+    """Where n clips go: `path` itself for one clip, `stem-000.mp4`... for several, or `000000.mp4`... inside
+    `path` when it is a folder (no suffix, or an existing folder). Any other suffix than FORMATS' is refused,
+    not taken for a folder name."""
     path = Path(path)
-    if path.suffix.lower().lstrip(".") not in FORMATS:
+    if not path.suffix or path.is_dir():
         return [path / f"{i:06d}.mp4" for i in range(n)]
+    if path.suffix.lower().lstrip(".") not in FORMATS:
+        raise ValueError(f"{path}: cannot write {path.suffix} files; write .mp4 (H.264), .gif or .png (a strip of "
+                         "the frames), or give a folder (a path without suffix) for one .mp4 per clip")
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i:03d}{path.suffix}") for i in range(n)]

@@ -88,7 +88,13 @@ def _pad_to_even(frames: np.ndarray, pad: str) -> np.ndarray:
 
 def frame_rate(fps: float | Fraction) -> Fraction:
     """fps as an exact Fraction: integers stay integers, the NTSC rates N * 1000/1001 are snapped to that
-    value (29.97 -> 30000/1001), anything else is the nearest fraction with a denominator <= 1001."""
+    value (29.97 -> 30000/1001), anything else is the nearest fraction with a denominator <= 1001. Any real
+    number is taken (numpy scalars, one-element tensors)."""
+    if not isinstance(fps, Fraction):
+        try:
+            fps = float(fps)  # np.float32 and tensors are no Rational: Fraction() would refuse them
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"fps must be a number, got {fps!r}") from e
     if not fps > 0 or not math.isfinite(fps):
         raise ValueError(f"fps must be a positive finite number, got {fps}")
     if isinstance(fps, Fraction):
@@ -299,10 +305,9 @@ def _save_atomic(image: Image.Image, path: str | Path, **options: Any) -> Path:
 def write_gif(frames: torch.Tensor | np.ndarray, path: str | Path, fps: float) -> Path:
     """An animated .gif (looping forever) of uint8 frames (T, H, W, C), C = 1 or 3. GIF stores delays in
     10 ms units and browsers slow delays under 20 ms down, so the delay is rounded to 10 ms, at least 20."""
-    if not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+    rate = frame_rate(fps)  # checked and a plain number
     images = [Image.fromarray(image) for image in _frames_array(frames)]
-    delay = max(20, round(100 / fps) * 10)
+    delay = max(20, round(100 / rate) * 10)
     return _save_atomic(images[0], path, format="GIF", save_all=True, append_images=images[1:], loop=0,
                         duration=delay)  # fmt: skip
 

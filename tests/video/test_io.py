@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from scm_mm_video.api import VideoModality
 from scm_mm_video.io import VideoError, frame_rate, probe, read_video, write_frame_strip, write_gif, write_mp4
 
 
@@ -66,6 +67,29 @@ def test_frame_rate_is_exact():
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="fps"):
             frame_rate(bad)
+
+
+def test_fps_may_be_a_numpy_scalar_or_a_tensor(tmp_path):
+    assert frame_rate(np.float32(8.0)) == 8 and frame_rate(np.float32(12.5)) == Fraction(25, 2)
+    assert frame_rate(torch.tensor(29.97)) == Fraction(30000, 1001) and frame_rate(np.int64(24)) == 24
+    assert stream_rate(write_mp4(numbered_frames(2), tmp_path / "np.mp4", np.float32(10.0))) == 10
+    assert Image.open(write_gif(numbered_frames(2), tmp_path / "t.gif", torch.tensor(10.0))).info["duration"] == 100
+    for bad in ("fast", None, torch.ones(2)):
+        with pytest.raises(ValueError, match="fps must be a number"):
+            frame_rate(bad)
+
+
+def test_an_unknown_suffix_is_refused_not_made_a_folder(tmp_path):
+    clips = torch.from_numpy(numbered_frames(3, 16, 16)).permute(3, 0, 1, 2)[None]  # (1, C, T, H, W)
+    for name in ("clip.mov", "clip.MKV"):
+        with pytest.raises(ValueError, match=r"clip\.(mov|MKV): cannot write \.(mov|MKV) files"):
+            VideoModality().save(clips, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no folder named clip.mov
+    assert [p.name for p in VideoModality().save(clips.expand(2, -1, -1, -1, -1), tmp_path / "a.MP4")] == [
+        "a-000.MP4", "a-001.MP4"]
+    (tmp_path / "run.v2").mkdir()  # an existing folder is a folder, whatever its name
+    assert VideoModality().save(clips, tmp_path / "run.v2")[0] == tmp_path / "run.v2" / "000000.mp4"
+    assert VideoModality().save(clips, tmp_path / "new")[0] == tmp_path / "new" / "000000.mp4"
 
 
 def test_frame_k_is_at_k_over_fps(tmp_path):
