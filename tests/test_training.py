@@ -146,6 +146,21 @@ def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
     model.load_state_dict(load_weights(tmp_path, "ema-0.050"))
 
 
+def test_resuming_from_an_older_checkpoint_keeps_what_it_writes(tmp_path):
+    """Rolled back to iter-2 of a run that went on to iter-6: pruning keeps the checkpoints this run writes,
+    the later ones of the abandoned timeline are set aside (not deleted), and resume="auto" follows this run."""
+    train(make_model(), DiffusionLoss(), dataset(), options(keep_last=0), tmp_path, meta={"net": NET})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000002", "iter-000000004", "iter-000000006"]
+    rollback = options(keep_last=1, resume=str(tmp_path / "checkpoints" / "iter-000000002"))
+    result = train(make_model(), DiffusionLoss(), dataset(), rollback, tmp_path, meta={"net": NET}, stop_at=4)
+    assert result.checkpoint is not None and result.checkpoint.is_dir()
+    assert list_checkpoints(tmp_path) == [result.checkpoint] == [latest_checkpoint(tmp_path)]
+    aside = sorted(p.name for p in (tmp_path / "checkpoints").glob("superseded-*/iter-*"))
+    assert aside == ["iter-000000004", "iter-000000006"]  # the abandoned timeline, kept for inspection
+    again = train(make_model(), DiffusionLoss(), dataset(), options(keep_last=1), tmp_path, meta={"net": NET})
+    assert len(again.losses) == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000006"]
+
+
 def test_checkpoint_spec_refuses_foreign_targets():
     with pytest.raises(ValueError, match="refusing"):
         build_from_spec({"_target_": "os.system", "command": "true"})

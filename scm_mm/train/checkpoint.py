@@ -7,8 +7,10 @@ A checkpoint is a directory `<run>/checkpoints/iter-<N>/` holding
     rng-rank<R>.pt       each rank's random state (per-rank seeds), so a resumed run repeats itself
     meta.json            how to rebuild the model (a JSON spec), the codec settings, the run config
 It is written into `iter-<N>.tmp-<pid>` and renamed into place only when complete, so a run killed
-while saving leaves the previous checkpoint intact. Loading never unpickles arbitrary objects:
-safetensors for weights, `torch.load(weights_only=True)` for the state, json for the rest.
+while saving leaves the previous checkpoint intact. A run that restarts from an older iteration sets
+the run's later checkpoints aside into `checkpoints/superseded-<time>/` (`set_aside_later_checkpoints`).
+Loading never unpickles arbitrary objects: safetensors for weights, `torch.load(weights_only=True)` for
+the state, json for the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,11 +85,39 @@ def resume_source(resume: str, run_dir: str | Path, marker: str = "meta.json") -
     return resolve_checkpoint(resume, marker)
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints of a run; 0 keeps all."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, newest: int | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints of a run; 0 keeps all. With `newest` (the iteration
+    just written) only checkpoints up to it count and later ones are left alone, so the one just written
+    is never deleted, even beside checkpoints of a later iteration."""
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        found = list_checkpoints(run_dir)
+        if newest is not None:
+            found = [p for p in found if checkpoint_iteration(p) <= newest]
+        for old in found[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_iteration(checkpoint: Path) -> int:
+    match = _NAME.match(checkpoint.name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not named like a checkpoint (iter-<N>)")
+    return int(match.group(1))
+
+
+def set_aside_later_checkpoints(run_dir: str | Path, iteration: int) -> list[Path]:
+    """Move the checkpoints of a run later than `iteration` into `checkpoints/superseded-<time>/`; returns
+    where they went. A run that restarts at `iteration` (resumed from an older checkpoint, e.g. to roll
+    back past a divergence, or started over) abandons them: left in place, `resume="auto"` would continue
+    the abandoned timeline and pruning would count them as newer than what this run writes. They are moved,
+    not deleted, and no longer count as the run's checkpoints."""
+    later = [p for p in list_checkpoints(run_dir) if checkpoint_iteration(p) > iteration]
+    if not later:
+        return []
+    folder = Path(run_dir) / CHECKPOINT_DIR / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    folder.mkdir()
+    for path in later:
+        os.replace(path, folder / path.name)
+    return [folder / p.name for p in later]
 
 
 def cpu_tensors(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -156,7 +187,7 @@ def save_checkpoint(
         for rank, rs in rank_states.items():
             torch.save(rs, tmp / f"rng-rank{rank}.pt")
         (tmp / "meta.json").write_text(json.dumps({**meta, "iteration": iteration}, indent=2, default=str))
-    prune_checkpoints(run_dir, keep_last)
+    prune_checkpoints(run_dir, keep_last, newest=iteration)
     return final
 
 

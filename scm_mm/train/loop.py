@@ -42,7 +42,7 @@ from ..jvp import unwrap
 from ..losses import DiffusionLoss, SCMLoss
 from ..nn.embeddings import ConditionEmbedding
 from ..precond import TrigFlowModel
-from .checkpoint import load_state, load_weights, resume_source, save_checkpoint
+from .checkpoint import load_state, load_weights, resume_source, save_checkpoint, set_aside_later_checkpoints
 from .distributed import DistInfo, Strategy, per_rank_batch, wrap_model
 from .ema import EMA, PowerEMA
 from .step import apply_gradients
@@ -308,12 +308,23 @@ def train(
     batches = _batches(dataset, micro, info, options, epoch, micro_in_epoch)
     autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
 
+    start, first_save = it, True  # where this call's timeline leaves the run's checkpoints
+
     def save() -> Path | None:
+        nonlocal first_save
         model_sd = cast(dict[str, torch.Tensor], get_model_state_dict(wrapped, options=full))
         optim_sd = get_optimizer_state_dict(wrapped, optimizer, options=full)
         rank_states = _gather_objects(_rank_rng(device), info)
         path = None
         if info.is_main:
+            # Checkpoints of the run later than where this call started belong to a timeline it abandoned
+            # (an explicit older `resume`, or resume="never"): set them aside at the first save, before one
+            # of them is replaced, so that resume="auto" and pruning follow this run from now on.
+            aside = set_aside_later_checkpoints(run_dir, start) if first_save else []
+            first_save = False
+            if aside:
+                tqdm.write(f"set aside {len(aside)} checkpoint(s) later than iteration {start}, from a timeline "
+                           f"this run replaces: {aside[0].parent}")  # fmt: skip
             state = {
                 "iteration": it, "epoch": epoch, "micro": micro_in_epoch, "skipped": skipped,
                 "seen": it * options.batch_size, "optimizer": optim_sd,
