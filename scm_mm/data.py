@@ -5,19 +5,29 @@ as it is loaded; expensive ones (a VAE) encode the whole dataset once, in batche
 file named after the dataset's fingerprint and the codec's settings, which later runs reuse (EDM2
 encodes ImageNet to latents once in the same spirit). Items are `(x0, label)` with x0 float32
 (C, *dims) and label an int64 scalar tensor (-1 = none).
+
+Random views. A raw dataset whose items are random views of longer ones (audio's random crops) must not
+be encoded once: the cache would freeze one view per item for good. Such a dataset has a method
+`random_views(codec) -> (source, view) | None` (None: its items are deterministic after all). `source` is
+a deterministic raw dataset of the whole items, with its own fingerprint, whose items may differ in
+length along the last axis; it is encoded once and cached like any other. `view(x0, generator) -> x0`
+cuts one view from an encoded item; `RandomViews` calls it afresh every time it yields the item, with a
+generator that a resumed run reproduces (`draw_generator`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .modality import Codec
 
@@ -56,6 +66,50 @@ class TensorPairs(Dataset):
         x0 = self.x0[index]
         return (x0.float() if x0.dtype in (torch.float16, torch.bfloat16) else x0), self.labels[index]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"x0": self.x0, "labels": self.labels}
+
+
+View = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (encoded item, generator) -> one view of it
+
+
+def draw_generator(index: int) -> torch.Generator:
+    """The generator of one draw of item `index`, which a killed and resumed run draws again.
+
+    In a DataLoader worker: seeded by (the loader's base seed, index). scm_mm.train.loop seeds each
+    epoch's loader by (seed, epoch, rank), so every epoch draws afresh, and a run resumed mid-epoch draws
+    what the uninterrupted run drew, whichever worker the item lands on. In the main process: one draw
+    from torch's global generator, which the loop's checkpoints save and restore on each rank."""
+    info = get_worker_info()
+    if info is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    else:
+        base = info.seed - info.id  # torch seeds worker w with the loader's base seed + w
+        seed = int.from_bytes(hashlib.sha256(f"{base}:{index}".encode()).digest()[:8], "little") >> 2
+    return torch.Generator().manual_seed(seed)
+
+
+class RandomViews(Dataset):
+    """Encoded items of any length along the last axis, stored end to end in x0 (*lead, total), each
+    yielded as a fresh random view: `view(item, draw_generator(index))` (see the module docstring)."""
+
+    def __init__(
+        self, x0: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor, view: View, num_classes: int = 0
+    ) -> None:
+        if lengths.shape != labels.shape or lengths.ndim != 1 or int(lengths.sum()) != x0.shape[-1]:
+            raise ValueError(f"lengths {tuple(lengths.shape)} summing to {int(lengths.sum())} and labels "
+                             f"{tuple(labels.shape)} do not match x0 {tuple(x0.shape)}")  # fmt: skip
+        self.x0, self.lengths, self.labels, self.view, self.num_classes = x0, lengths, labels, view, num_classes
+        self.starts = (torch.cumsum(lengths, 0) - lengths).tolist()
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[index]
+        item = self.x0[..., start : start + int(self.lengths[index])]
+        return self.view(item, draw_generator(index)).float(), self.labels[index]
+
 
 def cache_key(raw: Dataset, codec: Codec) -> str:
     """A short hash of the dataset's fingerprint and the codec's settings."""
@@ -79,7 +133,34 @@ def encode_all(raw: Dataset, codec: Codec, batch_size: int = 64, num_workers: in
 
 def _collate(items: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [_as_item(m, y) for m, y in items]
+    shapes = sorted({tuple(m.shape) for m, _ in pairs})
+    if len(shapes) > 1:
+        raise ValueError(f"the raw dataset's items differ in shape ({', '.join(map(str, shapes[:4]))}), so they "
+                         "cannot be encoded into one tensor: give the dataset a fixed length (crop or pad its items)")
     return torch.stack([m for m, _ in pairs]), torch.stack([y for _, y in pairs])
+
+
+@torch.no_grad()
+def encode_whole(source: Dataset, codec: Codec, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Encode items of any length along the last axis, batching neighbours of one shape: {"x0": the
+    encodings end to end (*lead, total), fp16, "lengths": (N,), "labels": (N,)} (RandomViews' tensors)."""
+    pieces: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    n = len(source)  # type: ignore[arg-type]
+    for start in range(0, n, batch_size):
+        chunk = [_as_item(*source[i]) for i in range(start, min(start + batch_size, n))]
+        for _, same in itertools.groupby(chunk, key=lambda item: tuple(item[0].shape)):
+            group = list(same)
+            pieces += codec.encode(torch.stack([m for m, _ in group])).to("cpu", torch.float16).unbind(0)
+            labels += [y for _, y in group]
+    leads = {tuple(p.shape[:-1]) for p in pieces}
+    if len(leads) > 1:
+        raise ValueError(f"encoded items may differ only in their last axis; found leading shapes {sorted(leads)}")
+    return {
+        "x0": torch.cat(pieces, -1),
+        "lengths": torch.tensor([p.shape[-1] for p in pieces], dtype=torch.long),
+        "labels": torch.stack(labels),
+    }
 
 
 def training_set(
@@ -88,19 +169,33 @@ def training_set(
     cache_dir: str | Path | None = None,  # where cached encodings live; None: never cache
     batch_size: int = 64,                 # encoding batch size
 ) -> Dataset:
-    """The dataset of (x0, label) to train on: lazily encoded, or encoded once and cached."""
+    """The dataset of (x0, label) to train on: lazily encoded, or encoded once and cached (random views:
+    their source encoded once and cached, each view cut when drawn; see the module docstring)."""
     if not codec.cacheable:
         return EncodedDataset(raw, codec)
+    num_classes = int(getattr(raw, "num_classes", 0))
+    views = raw.random_views(codec) if hasattr(raw, "random_views") else None
+    if views is None:
+        tensors = _cached(raw, codec, cache_dir, "encoded", lambda: encode_all(raw, codec, batch_size).tensors())
+        return TensorPairs(tensors["x0"], tensors["labels"], num_classes)
+    source, view = views
+    tensors = _cached(source, codec, cache_dir, "views", lambda: encode_whole(source, codec, batch_size))
+    return RandomViews(tensors["x0"], tensors["lengths"], tensors["labels"], view, num_classes)
+
+
+def _cached(
+    raw: Dataset, codec: Codec, cache_dir: str | Path | None, kind: str, encode: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The tensors `encode()` gives, read from `cache_dir` if an earlier run wrote them, else written there."""
     if cache_dir is None:
-        return encode_all(raw, codec, batch_size)
-    path = Path(cache_dir) / f"encoded-{cache_key(raw, codec)}.safetensors"
+        return encode()
+    path = Path(cache_dir) / f"{kind}-{cache_key(raw, codec)}.safetensors"
     if path.exists():
-        tensors = load_file(str(path))
-        return TensorPairs(tensors["x0"], tensors["labels"], int(getattr(raw, "num_classes", 0)))
-    pairs = encode_all(raw, codec, batch_size)
+        return load_file(str(path))
+    tensors = encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     meta = {"fingerprint": str(getattr(raw, "fingerprint", "")), "codec": json.dumps(codec.state(), default=str)}
-    save_file({"x0": pairs.x0.contiguous(), "labels": pairs.labels.contiguous()}, str(tmp), metadata=meta)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)  # atomic: a killed encoder never leaves a half-written cache behind
-    return pairs
+    return tensors

@@ -95,7 +95,10 @@ class AudioModality:
         **_: Any,                       # image-only options of scm-mm-eval (features, inception_path)
     ) -> dict[str, float]:
         """Frechet distance, IS, precision and recall in the features of a classifier trained on the
-        reference data (the SC09 recipe), plus pitch accuracy when the data knows each class's pitch."""
+        reference data (the SC09 recipe), plus pitch accuracy when the data knows each class's pitch.
+        A reference of random crops is read with centred ones: the same clips at every evaluation."""
+        if getattr(reference, "crop", None) == "random" and hasattr(reference, "with_crop"):
+            reference = reference.with_crop("center")
         classifier = self._classifier(reference, classifier_path, cache_dir)
         n = min(len(reference), max_reference)  # type: ignore[arg-type]
         real = torch.stack([torch.as_tensor(reference[i][0]) for i in range(n)])

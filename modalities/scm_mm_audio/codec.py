@@ -236,7 +236,12 @@ class MelCodec:
     def fit(self, raw_dataset: Any, max_items: int = 2000, batch_size: int = 64) -> MelCodec:
         """Measure the per-bin mean and std of the log-mel over all frames (and channels) of up to
         `max_items` items, at evenly spaced indices, in float64; std floored (module docstring).
-        raw_dataset: items (wave (channels, samples), label). Returns self."""
+        raw_dataset: items (wave (channels, samples), label). A dataset of random crops (one with
+        `random_views`, see scm_mm.data) is measured on the whole clips the crops are cut from: every
+        frame of the data, and the same statistics (so the same cache key) at every run. Returns self."""
+        views = raw_dataset.random_views(self) if hasattr(raw_dataset, "random_views") else None
+        if views is not None:
+            raw_dataset = views[0]
         n = len(raw_dataset)
         if n == 0:
             raise ValueError("cannot fit the mel statistics on an empty dataset")

@@ -23,7 +23,9 @@ hifigan_22k (uncentred frames) 64 frames are 16384 samples: seconds=0.74304 at 2
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from scm_mm.data import View
 
 from .io import AudioReadError, fit_length, load_audio
 
@@ -554,8 +558,13 @@ class AudioFolder(Dataset):
     keyed by the files' paths, sizes and mtimes and the settings, so a second construction decodes nothing.
 
     With `seconds` set, each item is cut or zero-padded to round(seconds * sample_rate) samples by
-    io.fit_length. crop="random" draws the offset from torch's global generator, which DataLoader seeds
-    per worker. seconds=None keeps every clip whole, so items differ in length: use batch_size 1.
+    io.fit_length. crop="random" draws a fresh window at every access, from torch's global generator
+    (which DataLoader seeds per worker). Training sets (scm_mm.data.training_set) do not read those
+    items: `random_views` has them cache each file's whole mel once and cut a fresh window, in mel
+    frames, every time an item is drawn; the mel statistics (MelCodec.fit) are measured on the whole
+    clips too. The metrics read a random-crop folder with crop="center" (`with_crop`), so their
+    reference is the same at every evaluation. seconds=None keeps every clip whole, so items differ in
+    length: use batch_size 1; a training set needs `seconds`.
     A file that decoded during the scan but fails later raises an error naming it (the folder changed).
     """
 
@@ -622,9 +631,12 @@ class AudioFolder(Dataset):
                 f"{len(self.skipped)} unreadable, {self.dropped['nonfinite']} non-finite, "
                 f"{self.dropped['silent']} silent (RMS < {self.min_rms:g})"
             )
-        self.fingerprint = (
-            f"audio-folder:{self.root.resolve()}:layout={layout}:label={label}:split={split}"
-            f":sr={self.sample_rate}:samples={self.samples}:ch={self.channels}:crop={crop}"
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        return (
+            f"audio-folder:{self.root.resolve()}:layout={self.layout}:label={self.label}:split={self.split}"
+            f":sr={self.sample_rate}:samples={self.samples}:ch={self.channels}:crop={self.crop}"
             f":min_rms={self.min_rms:g}:n={len(self.files)}:files={self.content_key[:16]}"
         )
 
@@ -694,18 +706,73 @@ class AudioFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def whole(self, index: int) -> torch.Tensor:
+        """The whole clip of item `index`: (channels, lengths[index]) float32."""
         path = self.files[index]
         try:
-            wave, _ = load_audio(path, sample_rate=self.sample_rate, channels=self.channels)
+            return load_audio(path, sample_rate=self.sample_rate, channels=self.channels)[0]
         except AudioReadError as error:
             raise RuntimeError(
                 f"{path} decoded when {self.root} was scanned but fails now ({error}): the folder changed; "
                 "build the dataset again (with a fresh manifest)"
             ) from error
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        wave = self.whole(index)
         if self.samples is not None:
             wave = fit_length(wave, self.samples, mode=self.crop)  # type: ignore[arg-type]
         return wave, self.labels[index]
+
+    def with_crop(self, crop: str) -> AudioFolder:
+        """The same clips cut another way ("start", "center" or "random"), without scanning again; e.g. a
+        deterministic reference set for the metrics from a training set of random crops."""
+        if crop not in ("start", "center", "random"):
+            raise ValueError(f"crop must be 'start', 'center' or 'random', got {crop!r}")
+        out = copy.copy(self)
+        out.crop = crop
+        out.fingerprint = out._fingerprint()
+        return out
+
+    def random_views(self, codec: Any) -> tuple[Dataset, View] | None:
+        """scm_mm.data.training_set's hook for random crops (crop="random" with `seconds` set; else None):
+        (`PaddedClips(self)`, cut `codec.spec.frames(samples)` frames at a random offset). The whole
+        clips' mels are encoded and cached once, and every draw of an item cuts a fresh window from its
+        mel; a window at frame offset k is the mel of the samples from k * hop on (up to the edge frames,
+        which see the clip around the window where a crop would see padding). Clips shorter than the window
+        are zero-padded on both sides, so the window places them at a random offset among zeros, as
+        fit_length does."""
+        if self.crop != "random" or self.samples is None:
+            return None
+        return PaddedClips(self), functools.partial(crop_frames, frames=codec.spec.frames(self.samples))
+
+
+def crop_frames(x0: torch.Tensor, generator: torch.Generator, frames: int) -> torch.Tensor:
+    """(..., T) -> (..., frames) at a uniformly random offset in [0, T - frames], drawn from `generator`."""
+    if x0.shape[-1] < frames:
+        raise ValueError(f"cannot cut {frames} frames from an item of {x0.shape[-1]}")
+    offset = int(torch.randint(x0.shape[-1] - frames + 1, (), generator=generator))
+    return x0[..., offset : offset + frames]
+
+
+class PaddedClips(Dataset):
+    """The whole clips of an AudioFolder, each zero-padded on both sides by what it lacks of the folder's
+    `samples` (so any window of `samples` holds the clip, or lies inside it): the deterministic source of
+    AudioFolder.random_views. Items (wave (channels, max(n, 2 * samples - n)), label)."""
+
+    def __init__(self, folder: AudioFolder) -> None:
+        if folder.samples is None:
+            raise ValueError("PaddedClips needs an AudioFolder with `seconds` set")
+        self.folder, self.samples = folder, folder.samples
+        self.sample_rate, self.num_classes = folder.sample_rate, folder.num_classes
+        self.fingerprint = f"{folder.fingerprint}:whole-clips-padded"
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        wave = self.folder.whole(index)
+        gap = max(self.samples - wave.shape[-1], 0)
+        return torch.nn.functional.pad(wave, (gap, gap)), self.folder.labels[index]
 
 
 # -------------------------------------------------------------------------------- optional builders

@@ -15,6 +15,9 @@ import soundfile as sf
 import torch
 
 import scm_mm_audio.data as data_module
+from scm_mm.data import training_set
+from scm_mm_audio.api import AudioModality
+from scm_mm_audio.codec import MelCodec
 from scm_mm_audio.data import (
     AudioFolder,
     SynthNotes,
@@ -255,6 +258,60 @@ def test_audio_folder_crops_channels_and_whole_clips(messy_folder):
     assert [whole[i][0].shape[-1] for i in range(4)] == whole.lengths
     assert whole.lengths[2:] == [19200, 8000]
     assert len({center.fingerprint, random.fingerprint, whole.fingerprint, AudioFolder(root).fingerprint}) == 4
+
+
+def _chirp(seconds: float, sr: int = SR) -> np.ndarray:
+    t = np.arange(round(seconds * sr)) / sr
+    return (0.5 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32)  # 200 Hz rising 600 Hz/s
+
+
+def test_random_crops_train_on_a_fresh_window_of_each_cached_whole_mel(tmp_path, monkeypatch):
+    root = tmp_path / "chirps"
+    _write(root / "a/long.wav", _chirp(3.0))  # 188 frames; a window of 0.25 s is 16
+    _write(root / "b/short.wav", _tone(440, 0.1))  # shorter than the window
+    raw = AudioFolder(root, seconds=0.25, crop="random")
+    codec = MelCodec("small_16k").fit(raw)
+    assert codec.state() == MelCodec("small_16k").fit(raw).state()  # whole clips: the same statistics every run
+    data = training_set(raw, codec, tmp_path / "cache")
+    assert len(data) == 2
+    draws = [data[0][0] for _ in range(8)]
+    assert all(x.shape == (1, 64, 16) for x in draws)
+    assert len({tuple(x.flatten().tolist()) for x in draws}) >= 6  # a fresh window at (almost) every draw
+    whole = codec.encode(raw.whole(0)[None])[0].half().float()  # (1, 64, 188), as cached
+    for x in draws:
+        offsets = [k for k in range(188 - 15) if torch.equal(x, whole[..., k : k + 16])]
+        assert len(offsets) == 1
+        # the window at frame k is the mel of the crop from sample k * hop, but for the 2 frames at each
+        # edge, which see the clip around the window where the crop's STFT sees reflect padding
+        crop = raw.whole(0)[None, :, offsets[0] * 256 : offsets[0] * 256 + 4000]
+        torch.testing.assert_close(x[..., 2:-2], codec.encode(crop)[0, ..., 2:-2], atol=4e-3, rtol=0)
+    short = data[1][0]  # the 0.1-s clip somewhere in 0.25 s of silence
+    assert short.shape == (1, 64, 16) and (short[0, 20] == short[0, 20].min()).sum() >= 4  # silent frames
+
+    monkeypatch.setattr(AudioFolder, "whole", lambda self, i: pytest.fail("decoded again"))
+    torch.manual_seed(3)
+    again = training_set(raw, codec, tmp_path / "cache")  # a second run: from the cache, no decoding
+    first = [again[0][0] for _ in range(3)]
+    torch.manual_seed(3)
+    assert all(torch.equal(x, again[0][0]) for x in first)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_the_metrics_read_a_random_crop_folder_with_centred_crops(messy_folder, monkeypatch):
+    root, good, _ = messy_folder
+    random = AudioFolder(root, seconds=0.5, crop="random")
+    center = random.with_crop("center")
+    assert center.crop == "center" and center.files == random.files and center.fingerprint != random.fingerprint
+    assert center.fingerprint == AudioFolder(root, seconds=0.5, crop="center").fingerprint
+    seen = []
+    monkeypatch.setattr(AudioModality, "_classifier", staticmethod(lambda reference, *_: seen.append(reference)))
+    monkeypatch.setattr("scm_mm_audio.api.evaluate_audio", lambda waves, real, classifier: seen.append(real) or {})
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        AudioModality().evaluate(torch.zeros(2, 1, 8000), random)
+    assert seen[0].crop == "center" and seen[2].crop == "center"
+    assert torch.equal(seen[1], seen[3])
+    assert torch.equal(seen[1], torch.stack([center[i][0] for i in range(len(center))]).mean(1))
 
 
 def test_audio_folder_survives_unexpected_decoder_errors(messy_folder, monkeypatch):

@@ -1,0 +1,129 @@
+"""scm_mm.data: random views (a fresh view of a cached item at every draw, repeated by a resumed run) and
+the cached training set."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from scm_mm import DiffusionLoss, TrigFlowPrecond
+from scm_mm.data import RandomViews, encode_all, training_set
+from scm_mm.train.checkpoint import build_from_spec
+from scm_mm.train.loop import TrainOptions, train
+
+NET = {
+    "_target_": "scm_mm.nn.unet.UNet", "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2],
+    "num_blocks": 1, "num_classes": 3, "groups": 4, "dropout": 0.2,
+}  # fmt: skip
+
+
+def cut(x0: torch.Tensor, generator: torch.Generator, width: int = 8) -> torch.Tensor:
+    """A view: `width` columns at a random offset (a module-level function, so workers can pickle it)."""
+    offset = int(torch.randint(x0.shape[-1] - width + 1, (), generator=generator))
+    return x0[..., offset : offset + width]
+
+
+class Strips:
+    """A raw dataset of (1, 8, L) "images" of lengths 8..31 whose items are random 8-column views, and
+    whose `random_views` hands the core the whole strips and the cut. Counts the whole items read."""
+
+    def __init__(self, n: int = 24) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.items = [(torch.randn(1, 8, 8 + i % 24, generator=g) * 0.5, i % 3) for i in range(n)]
+        self.num_classes, self.fingerprint, self.read = 3, f"strips-{n}", 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return cut(self.items[i][0], torch.default_generator), self.items[i][1]
+
+    def random_views(self, codec):
+        return Whole(self), cut
+
+
+class Whole:
+    def __init__(self, strips: Strips) -> None:
+        self.strips, self.fingerprint, self.num_classes = strips, f"{strips.fingerprint}-whole", 3
+
+    def __len__(self) -> int:
+        return len(self.strips)
+
+    def __getitem__(self, i: int):
+        self.strips.read += 1
+        return self.strips.items[i]
+
+
+class Scale:
+    """A cacheable codec: x0 = 2 * media."""
+
+    sigma_d, cacheable = 0.5, True
+
+    def encode(self, media):
+        return 2 * media
+
+    def decode(self, x0):
+        return x0 / 2
+
+    def state(self):
+        return {"type": "scale"}
+
+
+def test_random_views_are_cut_afresh_from_one_cached_encoding(tmp_path):
+    raw = Strips()
+    data = training_set(raw, Scale(), tmp_path, batch_size=5)
+    assert isinstance(data, RandomViews) and len(data) == 24 and data.num_classes == 3 and raw.read == 24
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["views"]
+    again = training_set(raw, Scale(), tmp_path)  # from the cache: nothing read again
+    assert raw.read == 24 and torch.equal(again.x0, data.x0) and again.lengths.tolist() == list(range(8, 32))
+    draws = [data[23] for _ in range(10)]  # 31 columns to cut 8 from: 24 offsets
+    assert all(x.shape == (1, 8, 8) and x.dtype == torch.float32 and int(y) == 2 for x, y in draws)
+    assert len({tuple(x.flatten().tolist()) for x, _ in draws}) > 5  # a fresh view at every draw
+    whole = 2 * raw.items[23][0].half().float()  # cached in fp16
+    for x, _ in draws:  # each is a window of the item's encoding
+        assert any(torch.equal(x, whole[..., k : k + 8]) for k in range(24))
+    torch.manual_seed(1)
+    first = [data[5][0] for _ in range(3)]
+    torch.manual_seed(1)
+    assert all(torch.equal(a, data[5][0]) for a in first)  # main process: torch's global generator
+
+
+def test_items_of_unequal_shapes_are_refused_with_a_clear_error():
+    class Ragged:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 4 + i), 0
+
+    with pytest.raises(ValueError, match=r"differ in shape .*fixed length"):
+        encode_all(Ragged(), Scale())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_killed_and_resumed_run_draws_the_same_views(tmp_path, num_workers):
+    data = training_set(Strips(), Scale())
+    options = TrainOptions(iters=6, batch_size=8, accum_steps=2, lr=1e-3, ckpt_every=2, log_every=1,
+                           progress=False, num_workers=num_workers)  # fmt: skip
+
+    def run(run_dir, **kw):
+        torch.manual_seed(0)
+        model = TrigFlowPrecond(build_from_spec(NET), sigma_d=0.5)
+        return train(model, DiffusionLoss(label_dropout=0.2), data, options, run_dir, meta={"net": NET}, **kw)
+
+    full = run(tmp_path / "full")  # 6 iterations: two epochs of 24 items in micro-batches of 4
+    run(tmp_path / "killed", stop_at=3)  # dies mid-epoch, after its checkpoint at iteration 2
+    resumed = run(tmp_path / "killed")
+    assert resumed.losses == full.losses[2:]  # the same views: exactly the same losses
+
+
+def test_in_workers_a_view_follows_the_loaders_seed_and_the_index_not_the_worker():
+    data = training_set(Strips(), Scale())
+
+    def views(seed: int, order: list[int]) -> dict[int, torch.Tensor]:
+        loader = DataLoader(data, batch_size=1, sampler=order, num_workers=2,  # type: ignore[arg-type]
+                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        return {i: x for i, (x, _) in zip(order, loader)}
+
+    epoch, resumed, other = views(0, [20, 21, 22, 23]), views(0, [21, 22, 23]), views(1, [20, 21, 22, 23])
+    assert all(torch.equal(epoch[i], resumed[i]) for i in resumed)  # item 21 now lands on the other worker
+    assert not all(torch.equal(epoch[i], other[i]) for i in epoch)  # another epoch's loader: other views
