@@ -12,8 +12,15 @@ are measured on the training data (`fit`), in float64.
 Every checkpoint stores `state()`: where the autoencoder was, what it is (`describe()`: its kind,
 configuration and a digest of its weights) and the statistics. `codec_from_state` rebuilds the codec
 and refuses an autoencoder whose description differs, field by field, so a model is never decoded
-by a VAE it was not trained with. Decoding goes through the autoencoder's chunked decoder, a few
-clips at a time, so memory does not grow with the number or the length of the clips.
+by a VAE it was not trained with.
+
+Memory: decoding takes `batch_size` clips per call, so it does not grow with the number of clips. In time,
+the library's VAE (`chunk_frames` latent frames), Wan (frame by frame, with a cache) and CogVideoX (latent
+frames in pairs) decode a few latent frames at a time, so memory does not grow with the clip length either.
+LTX-Video decodes the whole clip in one call unless `tiling=True`, which turns on diffusers' tiles: spatial
+for all three diffusers VAEs, and for LTX-Video temporal too (overlapping tiles of 16 frames, blended, so the
+numbers change slightly). `tiling` and `dtype` are run-time choices, not recorded in `state()`: a checkpoint
+decodes with either, and the training set's encode cache (keyed by the state) does not tell them apart.
 """
 
 from __future__ import annotations
@@ -54,14 +61,27 @@ class VideoAutoencoder(Protocol):
         ...
 
 
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """"bfloat16" (as a config writes it), "torch.float16" or a torch.dtype -> the torch.dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must name a floating-point torch dtype (float32, bfloat16, float16), got {dtype!r}")
+    return value
+
+
 def load_autoencoder(
     path: str | Path,
     device: str | torch.device = "cpu",
     media_channels: int | None = None,  # clip channels; 1 lets a 3-channel diffusers VAE take grey clips
+    tiling: bool = False,               # diffusers VAEs: diffusers' tiles (see the module docstring)
+    dtype: str | torch.dtype | None = None,  # diffusers VAEs: compute dtype; None: float32
 ) -> VideoAutoencoder:
     """A video autoencoder from a local folder: a `scm-mm-train experiment=digits_vae` run (its vae/),
     a folder written by save_video_vae, or a diffusers video VAE (or a pipeline folder with vae/)."""
     folder = Path(path).expanduser()
+    torch_dtype = as_dtype(dtype)
     for candidate in (folder, folder / "vae"):
         config = candidate / "config.json"
         if not config.is_file():
@@ -70,6 +90,10 @@ def load_autoencoder(
         if fields.get("kind") == "scm-mm-video-vae":
             from .autoencoder import load_video_vae
 
+            if tiling or torch_dtype not in (None, torch.float32):
+                raise ValueError(f"tiling={tiling}, dtype={dtype}: these options are for diffusers VAEs; the library's "
+                                 f"autoencoder at {candidate} runs in float32 and decodes a few latent frames at a "
+                                 "time")  # fmt: skip
             vae = load_video_vae(candidate).to(device).eval().requires_grad_(False)
             if media_channels not in (None, vae.in_channels):
                 raise ValueError(f"the autoencoder at {candidate} encodes {vae.in_channels}-channel clips, not "
@@ -78,7 +102,8 @@ def load_autoencoder(
         if "_class_name" in fields:
             from .diffusers_vae import load_diffusers_video_vae
 
-            return load_diffusers_video_vae(candidate, device=device, media_channels=media_channels)
+            return load_diffusers_video_vae(candidate, dtype=torch_dtype or torch.float32, device=device,
+                                            tiling=tiling, media_channels=media_channels)  # fmt: skip
     raise FileNotFoundError(
         f"no video autoencoder at {folder}: expected a folder with config.json written by save_video_vae (or the "
         "run folder of `scm-mm-train experiment=digits_vae`, which holds vae/), or a local diffusers "
@@ -112,10 +137,12 @@ class VideoLatentCodec:
         batch_size: int = 8,                       # clips per autoencoder call
         device: str | torch.device = "cpu",        # where the autoencoder runs
         media_channels: int | None = None,         # for a folder: 1 = grey clips on a 3-channel diffusers VAE
+        tiling: bool = False,                      # for a diffusers VAE folder: diffusers' tiles (see above)
+        dtype: str | torch.dtype | None = None,    # for a diffusers VAE folder: compute dtype ("bfloat16"); None: fp32
     ) -> None:
         if isinstance(vae, (str, Path)):
             self.path: str | None = str(Path(vae).expanduser().resolve())
-            self.vae = load_autoencoder(self.path, device, media_channels)
+            self.vae = load_autoencoder(self.path, device, media_channels, tiling=tiling, dtype=dtype)
         else:
             self.path, self.vae = None, vae
         if mean is None and std is None:  # a VAE that ships its statistics (Wan, LTX-Video)
@@ -234,7 +261,7 @@ def codec_from_state(state: Mapping[str, Any], vae: str | Path | None = None, **
         raise ValueError("the checkpoint's codec records no autoencoder path: pass vae=<local folder>")
     if not Path(str(source)).expanduser().exists():
         raise FileNotFoundError(f"the autoencoder of this checkpoint was at {source}, which does not exist here: "
-                                "pass vae=<local folder> (scm-mm-sample ... codec.vae=<folder>)")  # fmt: skip
+                                "pass vae=<local folder> (scm-mm-sample ... +codec.vae=<folder>)")  # fmt: skip
     # A diffusers VAE records the clip channels it was used with (grey clips on an RGB VAE).
     overrides.setdefault("media_channels", state["autoencoder"].get("media_channels"))
     codec = VideoLatentCodec(source, state["sigma_d"], state["mean"], state["std"], **overrides)

@@ -238,7 +238,9 @@ def load_diffusers_video_vae(
     path: str | Path,                      # a VAE folder (config.json + weights) or a pipeline folder with vae/
     dtype: torch.dtype = torch.float32,    # compute dtype
     device: str | torch.device = "cpu",
-    tiling: bool = False,                  # diffusers' spatial tiling (large frames; changes numbers slightly)
+    tiling: bool = False,                  # diffusers' tiles: spatial, and for LTX-Video temporal (framewise)
+                                           # too, so its memory stops growing with clip length; changes numbers
+                                           # slightly (overlapping tiles are blended)
     slicing: bool = True,                  # encode / decode one clip of a batch at a time
     media_channels: int | None = None,     # 1: grey clips on a 3-channel VAE; None: the VAE's channels
     decode_timestep: float = 0.0,          # for LTX-Video decoders with timestep_conditioning
@@ -264,6 +266,8 @@ def load_diffusers_video_vae(
     wrapper = DiffusersVideoVAE(vae, media_channels=media_channels, decode_timestep=decode_timestep)
     if tiling:
         vae.enable_tiling()
+        if name == "AutoencoderKLLTXVideo":  # decodes the whole clip at once otherwise (Wan, CogVideoX never do)
+            vae.use_framewise_decoding = True
     if slicing:
         vae.enable_slicing()
     return wrapper.to(device=device, dtype=dtype)

@@ -245,3 +245,39 @@ def test_grey_clips_on_an_rgb_vae_from_a_folder_and_from_a_checkpoint_state(fold
     assert restored.vae.in_channels == 1
     torch.testing.assert_close(restored.encode(clips), x0)
     assert restored.decode(x0).shape == clips.shape
+
+
+def test_tiling_and_dtype_reach_the_diffusers_vae_through_the_codec_and_its_config(folders, tmp_path):
+    from helpers import config
+    from hydra.utils import instantiate
+
+    from scm_mm_video.autoencoder import save_video_vae, vae_preset
+    from scm_mm_video.codec import VideoLatentCodec, as_dtype, codec_from_state
+
+    calls = []  # latent frames per call of LTX-Video's decoder
+    for tiling in (False, True):
+        vae = load_diffusers_video_vae(folders / "ltx", tiling=tiling)
+        handle = vae.vae.decoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[2]))
+        latent = vae.encode_raw(video(25))  # 4 latent frames
+        assert vae.decode_raw(latent).shape == (2, 3, 25, 32, 32)
+        handle.remove()
+    assert calls[:2] == [4, 4]  # whole clips, one per call (slicing)
+    assert calls[2:] and max(calls[2:]) < 4  # with tiling: overlapping chunks of latent frames
+    cfg = config("train", ["experiment=digits_teacher", f"modality.codec.vae={folders / 'ltx'}",
+                           "modality.codec.tiling=true", "modality.codec.dtype=bfloat16",
+                           "modality.codec.media_channels=1"])  # fmt: skip
+    codec = instantiate(cfg.modality.codec)
+    assert isinstance(codec, VideoLatentCodec) and codec.vae.dtype == torch.bfloat16
+    assert codec.vae.vae.use_tiling and codec.vae.vae.use_framewise_decoding
+    clips = ((video(9, channels=1) + 1) * 127.5).round().to(torch.uint8)
+    assert codec.decode(codec.encode(clips)).shape == clips.shape
+    # Run-time choices, not part of what a checkpoint records: the same state decodes with or without them.
+    plain = codec_from_state(codec.state())
+    assert plain.vae.dtype == torch.float32 and not plain.vae.vae.use_tiling
+    assert codec_from_state(codec.state(), tiling=True, dtype="float16").vae.dtype == torch.float16
+    save_video_vae(vae_preset("digits", base_channels=8, groups=4), tmp_path / "own")
+    with pytest.raises(ValueError, match="for diffusers VAEs"):
+        VideoLatentCodec(tmp_path / "own", tiling=True)
+    assert as_dtype("torch.bfloat16") == torch.bfloat16 and as_dtype(None) is None
+    with pytest.raises(ValueError, match="floating-point"):
+        as_dtype("int64")
