@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
 from scm_mm.metrics.classifier import cached_classifier
@@ -96,13 +97,19 @@ class AudioModality:
     ) -> dict[str, float]:
         """Frechet distance, IS, precision and recall in the features of a classifier trained on the
         reference data (the SC09 recipe), plus pitch accuracy when the data knows each class's pitch.
-        A reference of random crops is read with centred ones: the same clips at every evaluation."""
+        A reference of random crops is read with centred ones: the same clips at every evaluation.
+        The classifier trained here works at the reference's rate; a given one at another rate gets
+        both sets of clips resampled to its own."""
         if getattr(reference, "crop", None) == "random" and hasattr(reference, "with_crop"):
             reference = reference.with_crop("center")
         classifier = self._classifier(reference, classifier_path, cache_dir)
         n = min(len(reference), max_reference)  # type: ignore[arg-type]
         real = torch.stack([torch.as_tensor(reference[i][0]) for i in range(n)])
-        out = evaluate_audio(waves.mean(1), real.mean(1), classifier)
+        rate = classifier.spec.sample_rate
+        generated = AF.resample(waves.mean(1).float(), sample_rate, rate) if sample_rate != rate else waves.mean(1)
+        real_rate = int(getattr(reference, "sample_rate", sample_rate))
+        real = AF.resample(real.mean(1).float(), real_rate, rate) if real_rate != rate else real.mean(1)
+        out = evaluate_audio(generated, real, classifier)
         midi_of_label = getattr(reference, "midi_of_label", None)
         midi = [midi_of_label(int(y)) for y in labels] if labels is not None and midi_of_label else [None]
         if None not in midi:  # the classes are pitches (not instruments or speakers)

@@ -109,6 +109,12 @@ class AudioClassifier(nn.Module):
         return model.to(device).eval().requires_grad_(False)
 
 
+def classifier_spec(sample_rate: int = 16000) -> MelSpec:
+    """The default mel spec of the classifier at a data set's rate: small_16k's framing and 64 bins up to
+    8 kHz (or Nyquist, below 16 kHz), so the classifier of a 22.05 or 24 kHz run reads its clips as they are."""
+    return mel_spec("small_16k", sample_rate=int(sample_rate), fmax=min(8000.0, sample_rate / 2))
+
+
 def train_audio_classifier(
     dataset: torch.utils.data.Dataset,   # items (float wave (1, samples), int label in [0, num_classes))
     num_classes: int,                    # classes of the labels
@@ -119,7 +125,8 @@ def train_audio_classifier(
     device: str | torch.device = "cpu",
     max_steps: int | None = None,        # stop early after this many steps (tests)
     log_every: int = 0,                  # print the loss every so many steps; 0: silent
-    **settings: Any,                     # AudioClassifier settings (spec, width, stages, feature_dim)
+    **settings: Any,                     # AudioClassifier settings (spec, width, stages, feature_dim);
+                                         # spec defaults to classifier_spec(the dataset's sample_rate)
 ) -> AudioClassifier:
     """Train an `AudioClassifier` with cross-entropy; returns it in eval mode without gradients.
 
@@ -137,11 +144,11 @@ def train_audio_classifier(
     difference (100.0% with and without, on all three label sets: the task is saturated), so there is none.
     The fast test trains 40 steps of 32 on 12 pitches x 3 timbres of its own 0.5-s tones (100% held out, ~2 s).
     """
-    spec = mel_spec(settings.pop("spec", "small_16k"))
     rate = getattr(dataset, "sample_rate", None)
+    spec = mel_spec(settings.pop("spec")) if "spec" in settings else classifier_spec(rate or 16000)
     if rate is not None and rate != spec.sample_rate:
         raise ValueError(f"the dataset is at {rate} Hz but the classifier's mel spec at {spec.sample_rate} Hz: "
-                         f"pass spec=mel_spec('small_16k', sample_rate={rate}) or resample the data")
+                         f"leave spec out (classifier_spec({rate}) is the default) or resample the data")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AudioClassifier(spec=spec, num_classes=num_classes, **settings)

@@ -176,8 +176,8 @@ def test_classifier_refuses_bad_inputs():
     with pytest.raises(ValueError, match="mono"):
         model(torch.randn(2, 2, 1000))
     waves, midi = tones([60, 61], seconds=0.25)
-    with pytest.raises(ValueError, match="22050 Hz"):
-        train_audio_classifier(Tones(waves, midi - 60, sample_rate=22050), 2, max_steps=1)
+    with pytest.raises(ValueError, match="22050 Hz"):  # a spec at another rate than the data's
+        train_audio_classifier(Tones(waves, midi - 60, sample_rate=22050), 2, max_steps=1, spec="small_16k")
     with pytest.raises(ValueError, match="unlabelled"):
         train_audio_classifier(Tones(waves, torch.tensor([-1, -1])), 2, batch_size=2, max_steps=1)
 

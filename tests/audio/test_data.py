@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import sys
+import types
 
 import librosa
 import numpy as np
@@ -304,7 +305,8 @@ def test_the_metrics_read_a_random_crop_folder_with_centred_crops(messy_folder, 
     assert center.crop == "center" and center.files == random.files and center.fingerprint != random.fingerprint
     assert center.fingerprint == AudioFolder(root, seconds=0.5, crop="center").fingerprint
     seen = []
-    monkeypatch.setattr(AudioModality, "_classifier", staticmethod(lambda reference, *_: seen.append(reference)))
+    stub = types.SimpleNamespace(spec=types.SimpleNamespace(sample_rate=SR))
+    monkeypatch.setattr(AudioModality, "_classifier", staticmethod(lambda ref, *_: seen.append(ref) or stub))
     monkeypatch.setattr("scm_mm_audio.api.evaluate_audio", lambda waves, real, classifier: seen.append(real) or {})
     for seed in (0, 1):
         torch.manual_seed(seed)

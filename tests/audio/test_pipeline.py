@@ -21,7 +21,7 @@ from scm_mm_audio import AudioSCM
 from scm_mm_audio.codec import GriffinLim
 from scm_mm_audio.data import SynthNotes
 from scm_mm_audio.mel import mel_spec
-from scm_mm_audio.metrics import train_audio_classifier
+from scm_mm_audio.metrics import AudioClassifier, classifier_spec, train_audio_classifier
 from scm_mm_audio.vocos import Vocos
 
 TINY = [
@@ -95,6 +95,24 @@ def test_sample_and_eval_apps(runs, tmp_path):
     result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=12", "solver=euler", "steps=2",
                                           "device=cpu", f"classifier_path={tmp_path / 'classifier'}"]))  # fmt: skip
     assert result["fad"] >= 0 and 0 <= result["pitch_accuracy"] <= 1
+
+
+def test_eval_app_at_22k_trains_its_classifier_at_the_runs_rate(tmp_path):
+    """A run at 22.05 kHz (HiFi-GAN mels) evaluates with the default classifier, trained on its data at its
+    rate and cached; a classifier given at 16 kHz gets the clips resampled to its rate."""
+    run = tmp_path / "teacher22k"
+    train.run(config("train", ["experiment=notes_teacher", "modality=audio_22k", "data.dataset.sample_rate=22050",
+                               "data.dataset.seconds=0.37152", "data.shape=[80,32]", f"run_dir={run}",
+                               "train.iters=2", *TINY, "data.dataset.size=64"]))  # fmt: skip
+    eval_args = [f"checkpoint={run}", "n=12", "solver=euler", "steps=2", "device=cpu", f"cache_dir={tmp_path / 'c'}"]
+    result = evaluate.run(config("eval", eval_args))
+    assert result["fad"] >= 0 and 0 <= result["pitch_accuracy"] <= 1
+    (folder,) = (tmp_path / "c").glob("audio-classifier-*")
+    assert AudioClassifier.load(folder).spec == classifier_spec(22050)
+    classifier = train_audio_classifier(SynthNotes(size=48, seconds=0.496), num_classes=12, batch_size=8, max_steps=3)
+    classifier.save(tmp_path / "classifier16k")
+    given = evaluate.run(config("eval", [*eval_args, f"classifier_path={tmp_path / 'classifier16k'}"]))
+    assert given["fad"] >= 0 and given["fad"] != result["fad"]
 
 
 def test_generate_audio_example_trains_caches_and_reuses(tmp_path):
