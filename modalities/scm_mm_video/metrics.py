@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from scm_mm.metrics.classifier import cached_classifier, extract_features, feature_scores
 from scm_mm.metrics.frechet import FeatureStats
+from scm_mm.metrics.reference import subset_indices
 from scm_mm.metrics.timing import median_seconds
 from scm_mm.train.checkpoint import load_into, load_module_folder, save_module_folder
 
@@ -321,18 +322,10 @@ def cached_video_classifiers(
     return video, frame
 
 
-def subset_indices(size: int, n: int, seed: int = 0) -> torch.Tensor:
-    """min(n, size) distinct indices into a dataset of `size` items, drawn uniformly with `seed` and sorted
-    (all of them when n >= size). Not the first n: folders of real clips (VideoFolder, UCF-101) list their
-    items class by class, so the first 2,000 of UCF-101's 9.5k training clips hold about 20 of its 101
-    classes. The same (size, n, seed) always gives the same indices, so scores are reproducible."""
-    if n >= size:
-        return torch.arange(size)
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-
-
 def _subset(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 clips (M, C, T, H, W), labels (M,), their indices (M,)) of `subset_indices(len, n, seed)`."""
+    """(uint8 clips (M, C, T, H, W), labels (M,), their indices (M,)) of `subset_indices(len, n, seed)`: a
+    seeded uniform subset, not the first n, because folders of real clips (VideoFolder, UCF-101) list their
+    items class by class; the first 2,000 of UCF-101's 9.5k training clips hold about 20 of its 101 classes."""
     indices = subset_indices(len(dataset), n, seed)
     return (*_stack([dataset[i] for i in indices.tolist()]), indices)
 
@@ -382,7 +375,7 @@ def reference_features(
     """{"video": (M, D) features of M = min(max_reference, len) real clips, "frame": (M T, D') of all their
     frames, "shape": (C, T, H, W) of the clips, "indices": (M,) which clips, "seed"}, to score many generated
     sets against (`video_scores`). The clips are a uniform random subset, not the first M: see
-    `subset_indices`."""
+    `_subset`."""
     clips, _, indices = _subset(reference, max_reference, seed)
     return {"video": extract_features(video_net, clips, 100)[0],
             "frame": extract_features(frame_net, all_frames(clips), 500)[0],

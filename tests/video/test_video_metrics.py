@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from scm_mm.metrics import subset_indices
 from scm_mm.metrics.frechet import FeatureStats
 from scm_mm_video import metrics
 from scm_mm_video.metrics import (
@@ -25,7 +26,6 @@ from scm_mm_video.metrics import (
     evaluate_video,
     frames_per_second,
     reference_features,
-    subset_indices,
     train_frame_classifier,
     train_video_classifier,
     video_scores,
