@@ -4,6 +4,7 @@
 import json
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -161,6 +162,23 @@ def test_resuming_from_an_older_checkpoint_keeps_what_it_writes(tmp_path):
     assert len(again.losses) == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000006"]
 
 
+def test_a_resume_may_change_the_accumulation_but_not_the_batch(tmp_path):
+    """accum_steps 2 -> 1 on resume continues the same data (the position is counted in samples); a change
+    of batch_size or seed is refused with the difference named, and so is a position inside a new micro-batch."""
+    full = train(make_model(), DiffusionLoss(), dataset(), options(accum_steps=1), tmp_path / "full")
+    train(make_model(), DiffusionLoss(), dataset(), options(accum_steps=2), tmp_path / "run", stop_at=3)
+    resumed = train(make_model(), DiffusionLoss(), dataset(), options(accum_steps=1), tmp_path / "run")
+    assert resumed.losses == pytest.approx(full.losses[2:], abs=1e-5)  # was off by up to 0.14: skipped data
+
+    changed = r"batch_size: 8 in the checkpoint, 16 now\n  seed: 0 in the checkpoint, 1 now"
+    with pytest.raises(ValueError, match=changed):
+        train(make_model(), DiffusionLoss(), dataset(), options(batch_size=16, seed=1), tmp_path / "run")
+    # 20 items in micro-batches of 4: iteration 3 ends 4 samples into epoch 1, half a micro-batch of 8
+    train(make_model(), DiffusionLoss(), dataset(20), options(ckpt_every=3), tmp_path / "edge", stop_at=3)
+    with pytest.raises(ValueError, match="stopped 4 samples into epoch 1"):
+        train(make_model(), DiffusionLoss(), dataset(20), options(accum_steps=1), tmp_path / "edge")
+
+
 def test_checkpoint_spec_refuses_foreign_targets():
     with pytest.raises(ValueError, match="refusing"):
         build_from_spec({"_target_": "os.system", "command": "true"})
@@ -226,6 +244,14 @@ def _worker(rank: int, port: int, run_dir: str, out: dict) -> None:
         train(model, objective, data, opts, f"{run_dir}/{strategy}", info=DistInfo(rank, 2, rank, torch.device("cpu")))
         state = torch.distributed.checkpoint.state_dict.get_model_state_dict(model)
         out[strategy, rank] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    # a checkpoint of one process (2 accumulation steps, iteration 2 of 3) resumed on two (1 step each)
+    model = make_model().double()
+    opts = options(iters=3, accum_steps=1, ckpt_every=3, resume=f"{run_dir}/killed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, objective, data, opts, f"{run_dir}/widened", info=DistInfo(rank, 2, rank, torch.device("cpu")))
+    out["widened", rank] = model.state_dict()
+    out["warned", rank] = [str(w.message) for w in caught if "checkpoint of 1 process(es) on 2" in str(w.message)]
     torch.distributed.destroy_process_group()
 
 
@@ -233,16 +259,24 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    """DDP and FSDP2 on 2 gloo processes, batch 4 each, against 1 process with 2 accumulation steps of 4."""
+    """DDP and FSDP2 on 2 gloo processes, batch 4 each, against 1 process with 2 accumulation steps of 4; and
+    a 1-process checkpoint resumed on 2 processes continues with the same data (no FileNotFoundError for
+    rank 1's random state, a warning that the dropout masks differ)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), out), nprocs=2, join=True)
-
     model = make_model().double()
     data = TensorPairs(dataset().x0.double(), dataset().labels, 3)
     objective = SCMLoss(warmup_iters=2, loss_dtype=torch.float64)
-    train(model, objective, data, options(iters=3, accum_steps=2, ckpt_every=3), tmp_path / "one")
+    single_options = options(iters=3, accum_steps=2, ckpt_every=2)
+    train(make_model().double(), objective, data, single_options, tmp_path / "killed", stop_at=2)
+    train(model, objective, data, single_options, tmp_path / "one")
     single = model.state_dict()
+
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), out), nprocs=2, join=True)
+    for key, value in single.items():
+        torch.testing.assert_close(out["widened", 0][key], value, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out["widened", 1][key], value, rtol=1e-9, atol=1e-12)
+    assert len(out["warned", 0]) == 1 and out["warned", 1] == []  # said once, by rank 0
     for strategy in STRATEGIES:
         for key, value in single.items():
             torch.testing.assert_close(out[strategy, 0][key], out[strategy, 1][key], rtol=0, atol=0)  # ranks agree

@@ -10,7 +10,9 @@ iteration for the whole global batch from a generator seeded by (seed, iteration
 the rows of its samples. So a run gives the same updates on 1 or N processes, with or without
 gradient accumulation (tests/test_training.py checks 2 gloo processes against 1). Dropout masks come
 from each rank's own RNG, saved per rank in every checkpoint with the optimiser and the averages, so
-on the CPU a run killed and resumed repeats the losses of an uninterrupted run exactly.
+on the CPU a run killed and resumed repeats the losses of an uninterrupted run exactly. A run may resume
+with another accum_steps or world size (the data position converts, `resume_position`); batch_size, the
+seed and the EMA must stay as saved (RESUME_FIXED).
 """
 
 from __future__ import annotations
@@ -181,6 +183,56 @@ def _batches(
     yield from loader
 
 
+# Options a resumed run must share with its checkpoint: the global batch (the data position, the EMA's and
+# the schedule's sample counts), the seed (the data order and the loss's random inputs) and the averages kept.
+# accum_steps and the world size may change: the position is converted (`resume_position`).
+RESUME_FIXED = ("batch_size", "seed", "ema", "ema_sigma_rels")
+
+
+def _saved_world_size(state: dict[str, Any], source: Path) -> int:
+    """The number of processes that wrote a checkpoint (older checkpoints: one random state per rank)."""
+    return int(state.get("world_size") or len(list(source.glob("rng-rank*.pt"))) or 1)
+
+
+def resume_position(
+    state: dict[str, Any], options: TrainOptions, dataset: Dataset, micro: int, info: DistInfo, source: Path
+) -> int:
+    """This rank's micro-batches into the saved epoch under the current accum_steps and world size.
+
+    Refuses a change of the RESUME_FIXED options, naming each. The ranks' micro-batches interleave into one
+    order (rank r's k-th micro-batch holds positions (k * micro + j) * world_size + r of the epoch's
+    permutation, which depends only on the seed and the epoch), so the saved position is a number of samples
+    into the epoch whatever the accumulation and world size; it converts exactly when it is a whole number
+    of the new micro-batches (always, unless an epoch ended inside the saved iteration).
+    """
+    saved = json.loads(state.get("options", "{}"))
+    current = json.loads(json.dumps(asdict(options)))  # tuples as JSON lists, as saved
+    changed = [f"  {k}: {saved[k]!r} in the checkpoint, {current[k]!r} now" for k in RESUME_FIXED
+               if k in saved and saved[k] != current[k]]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"cannot resume {source} with these options changed:\n" + "\n".join(changed) + "\nThey fix the data "
+            "order, the averages or what an iteration means. Resume with the checkpoint's values, or start a new run "
+            "(another run_dir, or train.resume=never; a student can start from this run's weights instead)."
+        )
+    saved_world = _saved_world_size(state, source)
+    samples = state.get("epoch_samples")
+    if samples is None:  # checkpoints written before epoch_samples was stored
+        samples = state["micro"] * per_rank_batch(saved["batch_size"], saved["accum_steps"], saved_world) * saved_world
+    step = micro * info.world_size  # samples per micro-batch on all ranks
+    in_epoch = len(dataset) // info.world_size // micro  # type: ignore[arg-type]  # micro-batches per rank
+    if samples >= in_epoch * step:
+        return in_epoch  # the epoch is over for the new micro-batch: the loop moves on to the next
+    if samples % step:
+        raise ValueError(
+            f"{source} stopped {samples} samples into epoch {state['epoch']}, not a whole number of micro-batches "
+            f"of {micro} on each of {info.world_size} process(es) (accum_steps={options.accum_steps}; the checkpoint "
+            f"used accum_steps={saved.get('accum_steps')} on {saved_world}). Resume with the checkpoint's settings "
+            "until the next checkpoint, or with a micro-batch that divides the position."
+        )
+    return samples // step
+
+
 def _rank_rng(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -278,6 +330,7 @@ def train(
     source = resume_source(options.resume, run_dir)
     if source is not None:
         state = load_state(source)
+        micro_in_epoch = resume_position(state, options, dataset, micro, info, source)  # checks the options first
         weights: dict[str, Any] = dict(load_weights(source))
         set_model_state_dict(wrapped, weights, options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(
@@ -288,9 +341,20 @@ def train(
                 avg.load_state_dict(load_weights(source, name))
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        it, epoch, micro_in_epoch, skipped = state["iteration"], state["epoch"], state["micro"], state["skipped"]
-        _set_rank_rng(load_state(source, rank=info.rank), device)
+        it, epoch, skipped = state["iteration"], state["epoch"], state["skipped"]
+        saved_world = _saved_world_size(state, source)
+        if info.rank < saved_world:
+            _set_rank_rng(load_state(source, rank=info.rank), device)
+        else:  # a rank the saved run did not have
+            torch.manual_seed((options.seed * 7919 + info.rank) * 1_000_003 + it)
         if info.is_main:
+            if saved_world != info.world_size:
+                warnings.warn(
+                    f"resuming a checkpoint of {saved_world} process(es) on {info.world_size}: the data position "
+                    "carries over exactly, but each rank's dropout masks come from its own random state, so the "
+                    f"run is not bit-identical to one that stayed on {saved_world}",
+                    stacklevel=2,
+                )
             tqdm.write(f"resumed from {source} at iteration {it}")
 
     writer = None
@@ -327,6 +391,7 @@ def train(
                            f"this run replaces: {aside[0].parent}")  # fmt: skip
             state = {
                 "iteration": it, "epoch": epoch, "micro": micro_in_epoch, "skipped": skipped,
+                "epoch_samples": micro_in_epoch * micro * info.world_size, "world_size": info.world_size,
                 "seen": it * options.batch_size, "optimizer": optim_sd,
                 "scaler": scaler.state_dict() if scaler is not None else {},
                 "options": json.dumps(asdict(options)),
