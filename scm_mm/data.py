@@ -17,6 +17,7 @@ generator that a resumed run reproduces (`draw_generator`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -123,7 +124,8 @@ def cache_key(raw: Dataset, codec: Codec) -> str:
 @torch.no_grad()
 def encode_all(raw: Dataset, codec: Codec, batch_size: int = 64, num_workers: int = 0) -> TensorPairs:
     """Encode a whole raw dataset in batches (latents stored in fp16: half the disk, ample precision)."""
-    loader = DataLoader(raw, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    collate = functools.partial(_collate, name=type(raw).__name__)
+    loader = DataLoader(raw, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     xs, ys = [], []
     for media, labels in loader:
         xs.append(codec.encode(media).to("cpu", torch.float16))
@@ -131,12 +133,12 @@ def encode_all(raw: Dataset, codec: Codec, batch_size: int = 64, num_workers: in
     return TensorPairs(torch.cat(xs), torch.cat(ys), int(getattr(raw, "num_classes", 0)))
 
 
-def _collate(items: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate(items: list[tuple[Any, Any]], name: str = "the raw dataset") -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [_as_item(m, y) for m, y in items]
     shapes = sorted({tuple(m.shape) for m, _ in pairs})
     if len(shapes) > 1:
-        raise ValueError(f"the raw dataset's items differ in shape ({', '.join(map(str, shapes[:4]))}), so they "
-                         "cannot be encoded into one tensor: give the dataset a fixed length (crop or pad its items)")
+        raise ValueError(f"{name}'s items differ in shape ({', '.join(map(str, shapes[:4]))}), so they cannot "
+                         "be encoded into one tensor to train on: give it a fixed length (crop or pad its items)")
     return torch.stack([m for m, _ in pairs]), torch.stack([y for _, y in pairs])
 
 

@@ -95,7 +95,7 @@ def test_items_of_unequal_shapes_are_refused_with_a_clear_error():
         def __getitem__(self, i):
             return torch.zeros(1, 4 + i), 0
 
-    with pytest.raises(ValueError, match=r"differ in shape .*fixed length"):
+    with pytest.raises(ValueError, match=r"Ragged's items differ in shape .*fixed length"):
         encode_all(Ragged(), Scale())
 
 

@@ -29,6 +29,7 @@ log-mel, which is small. Bins with real content (std of a nat or more) are far a
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from itertools import chain
@@ -39,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mel import MelSpec, check_specs, log_mel, mel_filters, mel_power, mel_spec
+
+logger = logging.getLogger(__name__)
 
 STD_FLOOR_FRACTION = 0.1  # std floor = this * RMS of the per-bin stds (module docstring)
 STATE_FIELDS = ("type", "spec", "sigma_d", "layout", "channels", "mean", "std")
@@ -190,6 +193,12 @@ def _floats(values: Sequence[float] | torch.Tensor | None, n: int, name: str) ->
     return out
 
 
+def _name(dataset: Any, index: int) -> str:
+    """The item's file as " (path)" when the dataset reads files (AudioFolder's `files`), else ""."""
+    files = getattr(dataset, "files", None)
+    return f" ({files[index]})" if files is not None and 0 <= index < len(files) else ""
+
+
 def _device_of(module: nn.Module) -> torch.device | None:
     tensor = next(chain(module.parameters(), module.buffers()), None)
     return None if tensor is None else tensor.device
@@ -238,7 +247,9 @@ class MelCodec:
         `max_items` items, at evenly spaced indices, in float64; std floored (module docstring).
         raw_dataset: items (wave (channels, samples), label). A dataset of random crops (one with
         `random_views`, see scm_mm.data) is measured on the whole clips the crops are cut from: every
-        frame of the data, and the same statistics (so the same cache key) at every run. Returns self."""
+        frame of the data, and the same statistics (so the same cache key) at every run. Items shorter
+        than the spec's STFT needs (`spec.min_samples`: a click, a truncated file) are left out with a
+        warning that names them. Returns self."""
         views = raw_dataset.random_views(self) if hasattr(raw_dataset, "random_views") else None
         if views is not None:
             raw_dataset = views[0]
@@ -251,7 +262,7 @@ class MelCodec:
                              f"set the dataset's sample_rate to {self.spec.sample_rate}")
         k = min(max_items, n)
         indices = [i * n // k for i in range(k)]  # evenly spaced, deterministic
-        count = 0
+        count = 0  # frames measured
         mean = torch.zeros(self.spec.n_mels, dtype=torch.float64)
         m2 = torch.zeros(self.spec.n_mels, dtype=torch.float64)  # sum of squared deviations from the mean
         for start in range(0, k, batch_size):
@@ -264,23 +275,34 @@ class MelCodec:
                 mean = mean + delta * (b_count / total)
                 m2 = m2 + b_m2 + delta.square() * (count * b_count / total)
                 count = total
+        if count == 0:
+            raise ValueError(f"no item of the dataset is long enough for the mel spec ({self.spec.min_samples} "
+                             "samples): nothing to measure")  # fmt: skip
         std = (m2 / count).sqrt()
         floor = max(STD_FLOOR_FRACTION * float(std.square().mean().sqrt()), 1e-6)
         self.mean, self.std = mean.tolist(), std.clamp_min(floor).tolist()
         return self
 
     def _batch_mels(self, raw_dataset: Any, indices: list[int]) -> list[torch.Tensor]:
-        """Log-mels (..., n_mels, T) of the items at `indices`, stacked where their lengths agree."""
+        """Log-mels (..., n_mels, T) of the items at `indices`, stacked where their lengths agree. Items
+        too short for the spec's STFT are left out with a warning naming them."""
         waves = []
         for i in indices:
             wave = torch.as_tensor(raw_dataset[i][0])
             if wave.ndim != 2 or wave.shape[0] != self.channels:
                 raise ValueError(
-                    f"dataset item {i}: expected a waveform ({self.channels}, samples), got shape {tuple(wave.shape)}"
+                    f"dataset item {i}{_name(raw_dataset, i)}: expected a waveform ({self.channels}, samples), "
+                    f"got shape {tuple(wave.shape)}"
                 )
             if not torch.isfinite(wave).all():
-                raise ValueError(f"dataset item {i}: the waveform has non-finite samples")
+                raise ValueError(f"dataset item {i}{_name(raw_dataset, i)}: the waveform has non-finite samples")
+            if wave.shape[-1] < self.spec.min_samples:
+                logger.warning("dataset item %d%s: %d samples, fewer than the %d the mel spec needs; left out of "
+                               "the statistics", i, _name(raw_dataset, i), wave.shape[-1], self.spec.min_samples)
+                continue
             waves.append(wave.float())
+        if not waves:
+            return []
         if all(w.shape == waves[0].shape for w in waves):
             return [log_mel(torch.stack(waves), self.spec)]
         return [log_mel(w, self.spec) for w in waves]

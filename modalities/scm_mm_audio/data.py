@@ -766,6 +766,10 @@ class PaddedClips(Dataset):
         self.sample_rate, self.num_classes = folder.sample_rate, folder.num_classes
         self.fingerprint = f"{folder.fingerprint}:whole-clips-padded"
 
+    @property
+    def files(self) -> list[Path]:
+        return self.folder.files
+
     def __len__(self) -> int:
         return len(self.folder)
 

@@ -79,6 +79,16 @@ class MelSpec:
         """The log-mel of silence."""
         return math.log(self.clamp) if self.log == "ln" else math.log10(self.clamp)
 
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip `log_mel` frames: reflect padding needs more samples than it pads (n_fft / 2
+        centred, (n_fft - hop) / 2 uncentred), and an uncentred frame needs a hop."""
+        reflect = self.pad_mode == "reflect"
+        if self.center:
+            return self.n_fft // 2 + 1 if reflect else 1
+        pad = (self.n_fft - self.hop_length) // 2
+        return max(self.hop_length, pad + 1 if reflect else 1)
+
     def frames(self, samples: int) -> int:
         return samples // self.hop_length + (1 if self.center else 0)
 
@@ -130,6 +140,10 @@ def mel_filters(spec: MelSpec, device: torch.device | None = None) -> torch.Tens
 
 def stft_magnitude(wave: torch.Tensor, spec: MelSpec) -> torch.Tensor:
     """(..., samples) -> |STFT|^power (..., n_fft // 2 + 1, frames), padded as the spec says."""
+    if wave.shape[-1] < spec.min_samples:
+        raise ValueError(f"a clip of {wave.shape[-1]} samples is too short for the mel spec: it needs at least "
+                         f"{spec.min_samples} ({spec.n_fft}-point STFT, hop {spec.hop_length}, "
+                         f"{'centred' if spec.center else 'uncentred'}, {spec.pad_mode} padding); pad or drop it")
     lead = wave.shape[:-1]
     x = wave.reshape(-1, wave.shape[-1]).float()
     if not spec.center:

@@ -19,11 +19,15 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from torch import nn
 
+from scm_mm.data import training_set
 from scm_mm_audio.codec import STD_FLOOR_FRACTION, GriffinLim, MelCodec, codec_from_state, istft, stft
+from scm_mm_audio.data import AudioFolder
 from scm_mm_audio.mel import PRESETS, log_mel, mel_spec, stft_magnitude
 
 torch.set_num_threads(1)
@@ -229,6 +233,36 @@ def test_fit_uses_evenly_spaced_items_and_names_a_bad_one():
     data.items[7] = (data.items[7][0].clone().index_fill_(1, torch.tensor([3]), float("nan")), 0)
     with pytest.raises(ValueError, match="item 7"):
         MelCodec().fit(data, max_items=4)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("pad_mode", ["reflect", "constant"])
+def test_min_samples_is_the_shortest_clip_log_mel_frames(preset, pad_mode):
+    spec = mel_spec(preset, pad_mode=pad_mode)
+    assert log_mel(torch.randn(2, spec.min_samples), spec).shape[-1] == spec.frames(spec.min_samples)
+    n = spec.min_samples
+    if n > 1:
+        with pytest.raises(ValueError, match=rf"{n - 1} samples is too short .* at least {n}"):
+            log_mel(torch.randn(2, n - 1), spec)
+
+
+def test_fit_leaves_out_a_too_short_clip_naming_its_file(tmp_path, caplog):
+    t = np.arange(16000) / 16000
+    (tmp_path / "a").mkdir()
+    sf.write(tmp_path / "a/tone.wav", 0.5 * np.sin(2 * np.pi * 440 * t), 16000)
+    sf.write(tmp_path / "a/click.wav", 0.5 * np.sin(2 * np.pi * 440 * t[:100]), 16000)  # 100 samples < 513
+    whole = AudioFolder(tmp_path, seconds=None)
+    with caplog.at_level("WARNING", logger="scm_mm_audio.codec"):
+        codec = MelCodec().fit(whole)
+    assert "click.wav" in caplog.text and "100 samples" in caplog.text
+    only_tone = torch.tensor(MelCodec().fit([(whole[1][0], 0)]).mean)
+    torch.testing.assert_close(torch.tensor(codec.mean), only_tone, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"AudioFolder's items differ in shape .*fixed length"):
+        training_set(whole, codec)  # whole clips of unequal lengths: no tensor to train on
+    padded = AudioFolder(tmp_path, seconds=0.25)  # the click zero-padded to 4000 samples: fine
+    assert training_set(padded, codec)[0][0].shape == (1, 64, 16)
+    with pytest.raises(ValueError, match="no item of the dataset is long enough"):
+        MelCodec().fit([(torch.zeros(1, 100), 0)])
 
 
 @pytest.mark.parametrize("layout", ["2d", "1d"])
