@@ -68,6 +68,8 @@ def test_killed_and_resumed_run_repeats_the_losses(tmp_path, method):
     assert len(full.losses) == 6 and all(torch.isfinite(torch.tensor(full.losses)))
     assert first.losses == full.losses[:5]
     assert resumed.losses == full.losses[4:]  # exactly, step for step
+    logged = [json.loads(line)["iteration"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # iteration 5 of the killed call is dropped, logged again once
     final = load_weights(tmp_path / "full")
     for key, value in load_weights(tmp_path / "killed").items():
         torch.testing.assert_close(value, final[key], rtol=0, atol=0)
@@ -133,6 +135,14 @@ def test_the_network_decides_whether_the_labels_are_used(tmp_path):
     five = TensorPairs(dataset().x0, dataset().labels, num_classes=5)
     with pytest.raises(ValueError, match="5 classes but the network was built for 3"):
         train(make_model(), DiffusionLoss(), five, options(iters=1), tmp_path / "b")
+
+
+def test_periodic_counts_of_zero_mean_at_the_end_and_negative_ones_are_refused(tmp_path):
+    result = train(make_model(), DiffusionLoss(), dataset(), options(iters=3, log_every=0, ckpt_every=0), tmp_path)
+    assert len(result.losses) == 3 and [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000003"]
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [3]
+    with pytest.raises(ValueError, match=r"ckpt_every=-1 \(must be >= 0\), accum_steps=0 \(must be >= 1\)"):
+        options(ckpt_every=-1, accum_steps=0)
 
 
 def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):

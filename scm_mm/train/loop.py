@@ -75,13 +75,22 @@ class TrainOptions:
     strategy: Strategy = "ddp"           # with several processes: DDP, or FSDP2 for large models
     seed: int = 0
     num_workers: int = 0                 # DataLoader workers per rank
-    log_every: int = 10                  # iterations between progress/TensorBoard scalars
-    ckpt_every: int = 500                # iterations between checkpoints (and one at the end)
+    log_every: int = 10                  # iterations between progress/TensorBoard scalars; 0 = at the end only
+    ckpt_every: int = 500                # iterations between checkpoints (and one at the end); 0 = at the end only
     keep_last: int = 3                   # checkpoints kept
     sample_every: int = 0                # iterations between sample grids; 0 = never
     eval_every: int = 0                  # iterations between evaluations; 0 = only `evaluate` at the end
     resume: str = "auto"                 # "auto": latest checkpoint of run_dir if any; "never"; or a path
     progress: bool = True                # the tqdm bar (rank 0)
+
+    def __post_init__(self) -> None:  # at config time, not at the first step that divides by a count
+        counts = ("iters", "lr_ref_iters", "lr_rampup_iters", "lr_cooldown_iters", "num_workers", "log_every",
+                  "ckpt_every", "keep_last", "sample_every", "eval_every")  # fmt: skip
+        bad = [f"{name}={getattr(self, name)} (must be >= 0)" for name in counts if getattr(self, name) < 0]
+        bad += [f"{name}={getattr(self, name)} (must be >= 1)" for name in ("batch_size", "accum_steps")
+                if getattr(self, name) < 1]  # fmt: skip
+        if bad:
+            raise ValueError("invalid training options: " + ", ".join(bad))
 
 
 @dataclass
@@ -233,6 +242,22 @@ def resume_position(
     return samples // step
 
 
+def _due(it: int, every: int) -> bool:
+    """Whether a periodic action falls on iteration `it`; every = 0 means never (the loop adds the end)."""
+    return every > 0 and it % every == 0
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log.jsonl lines after `iteration` (logged by a run killed after its last checkpoint), atomically."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines(keepends=True)
+             if line.strip() and json.loads(line).get("iteration", 0) <= iteration]  # fmt: skip
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(path)
+
+
 def _rank_rng(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -363,6 +388,8 @@ def train(
 
         run_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=it if it > 0 else None)
+        if it > 0:  # as purge_step does for TensorBoard
+            _truncate_log(run_dir / "log.jsonl", it)
     bar = tqdm(total=options.iters, initial=it, disable=not (info.is_main and options.progress), desc="train")
     result = TrainResult(iteration=it, skipped_steps=skipped)
     pending: list[torch.Tensor] = []  # per-iteration losses not yet synced to the host
@@ -447,7 +474,7 @@ def train(
 
         # Logging: losses and stats reach the host once per log interval. (The step itself waits on the
         # device once per micro-batch, to drop non-finite inputs, and once to skip a non-finite gradient.)
-        if it % options.log_every == 0 or it == options.iters or it == stop_at:
+        if _due(it, options.log_every) or it == options.iters or it == stop_at:
             losses = torch.stack(pending)
             if info.enabled:  # the mean over ranks (gloo has no ReduceOp.AVG)
                 dist.all_reduce(losses)
@@ -471,10 +498,10 @@ def train(
             pending, stats_sum, last_log, last_log_it = [], {}, now, it
 
         done = it == options.iters
-        if preview is not None and options.sample_every and (it % options.sample_every == 0 or done):
+        if preview is not None and options.sample_every and (_due(it, options.sample_every) or done):
             if info.is_main and writer is not None:
                 writer.add_image("samples", preview(sampling_model(wrapped, ema), it), it)
-        if evaluate is not None and ((options.eval_every and it % options.eval_every == 0) or done):
+        if evaluate is not None and (_due(it, options.eval_every) or done):
             if info.is_main:
                 metrics = evaluate(sampling_model(wrapped, ema), it)
                 result.evaluations[it] = metrics
@@ -484,7 +511,7 @@ def train(
                 tqdm.write(f"iteration {it}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if info.enabled:
                 dist.barrier()
-        if it % options.ckpt_every == 0 or done:
+        if _due(it, options.ckpt_every) or done:
             result.checkpoint = save()
 
     bar.close()
