@@ -62,3 +62,15 @@ def test_pyproject_lists_every_package():
     found |= {"scm_mm_configs." + ".".join(d.relative_to(configs).parts)
               for d in configs.rglob("*") if d.is_dir() and d.name != "__pycache__"}
     assert listed == found
+
+
+def test_the_presets_and_the_gpu_benchmarks_import_without_media_packages():
+    """bench/gpu_checks.sh runs on a GPU image without PyAV, soundfile, librosa, diffusers or Hydra."""
+    blocked = ("av", "soundfile", "librosa", "diffusers", "hydra", "omegaconf")
+    code = (
+        f"import sys\nfor name in {blocked}: sys.modules[name] = None\n"
+        "import scm_mm_image.presets, scm_mm_video.presets, scm_mm_video.vae_train\n"
+        "import runpy\nsys.argv = ['step_time.py', '--help']\n"
+        "try:\n    runpy.run_path('bench/step_time.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=CORE.parent, capture_output=True)

@@ -6,6 +6,18 @@
     model.save_mp4("digits.mp4")
 """
 
-from .api import VideoModality, VideoSCM
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["VideoModality", "VideoSCM"]
+
+if TYPE_CHECKING:
+    from .api import VideoModality, VideoSCM
+
+
+def __getattr__(name: str) -> Any:
+    """The API on first use, so the networks and presets import without PyAV (a GPU machine without FFmpeg)."""
+    if name in __all__:
+        from . import api  # noqa: PLC0415
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
