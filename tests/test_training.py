@@ -145,6 +145,24 @@ def test_periodic_counts_of_zero_mean_at_the_end_and_negative_ones_are_refused(t
         options(ckpt_every=-1, accum_steps=0)
 
 
+def test_hooks_sample_in_eval_mode_and_leave_the_training_alone(tmp_path):
+    """Without an EMA the hooks get the trained model itself: in eval mode (no dropout), then back in train
+    mode, with the random state they used restored, so the losses equal those of a run without hooks."""
+    modes = []
+
+    def evaluate(model, it):
+        modes.append(model.training)
+        torch.rand(100)  # a hook that draws from the global RNG, as a sampler without a seed does
+        return {}
+
+    def run(run_dir, **hooks):
+        opts = options(iters=4, ema="none", eval_every=1, sample_every=1)
+        return train(make_model(dropout=0.2), DiffusionLoss(), dataset(), opts, run_dir, **hooks).losses
+
+    hooked = run(tmp_path / "a", evaluate=evaluate, preview=lambda m, it: torch.zeros(3, 8, 8, dtype=torch.uint8))
+    assert modes == [False] * 4 and hooked == run(tmp_path / "b")
+
+
 def test_unfinished_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
     train(make_model(), DiffusionLoss(), dataset(), options(iters=6, keep_last=2), tmp_path, meta={"net": NET})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000004", "iter-000000006"]

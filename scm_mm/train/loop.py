@@ -139,6 +139,21 @@ def sampling_model(model: nn.Module, ema: EMA | PowerEMA | None) -> nn.Module:
     return next(iter(ema.named_averages().values())) if ema is not None else unwrap(model)
 
 
+@contextmanager
+def _sampling(model: nn.Module, ema: EMA | PowerEMA | None, device: torch.device) -> Iterator[nn.Module]:
+    """The sampling model in eval mode (no dropout, also without an EMA, when it is the trained model itself),
+    with its mode and the random state restored afterwards: a preview or an evaluation changes neither the
+    training's mode nor its dropout stream, so a run's losses do not depend on its hooks."""
+    sampler = sampling_model(model, ema)
+    was_training = sampler.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        sampler.eval()
+        try:
+            yield sampler
+        finally:
+            sampler.train(was_training)
+
+
 def network_classes(model: nn.Module) -> int | None:
     """The classes the network was built for (0: unconditional), or None for a net that does not say
     (one without scm-mm's ConditionEmbedding)."""
@@ -500,10 +515,12 @@ def train(
         done = it == options.iters
         if preview is not None and options.sample_every and (_due(it, options.sample_every) or done):
             if info.is_main and writer is not None:
-                writer.add_image("samples", preview(sampling_model(wrapped, ema), it), it)
+                with _sampling(wrapped, ema, device) as sampler:
+                    writer.add_image("samples", preview(sampler, it), it)
         if evaluate is not None and (_due(it, options.eval_every) or done):
             if info.is_main:
-                metrics = evaluate(sampling_model(wrapped, ema), it)
+                with _sampling(wrapped, ema, device) as sampler:
+                    metrics = evaluate(sampler, it)
                 result.evaluations[it] = metrics
                 for key, value in metrics.items():
                     if writer is not None:
