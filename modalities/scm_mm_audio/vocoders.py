@@ -11,6 +11,7 @@ and carries that spec as `.spec`. Sources, all local (nothing is downloaded):
     <dir>/bigvgan_generator.pt     an official BigVGAN checkpoint (with its config.json)
     <file g_* or generator*>,      an official HiFi-GAN generator (with config.json beside it)
     or a <dir> holding one
+    any other file                 its folder, when that holds one of the above (a weights file)
 
 The caller (MelCodec.with_vocoder) refuses a vocoder whose spec differs from the model's.
 """
@@ -47,19 +48,42 @@ def load_vocoder(source: Any, spec: MelSpec | None = None) -> nn.Module:
         raise FileNotFoundError(f"no vocoder at {path}")
     if _is_hifigan_generator(path):
         return load_hifigan(path)
+    if path.is_file():  # a weights file (pytorch_model.bin, bigvgan_generator.pt, model.safetensors)
+        if _folder_kind(path.parent) is None:
+            raise ValueError(f"{path} is a file, and its folder holds no vocoder scm-mm can read; pass the "
+                             f"vocoder's folder: {EXPECTED}")  # fmt: skip
+        path = path.parent  # the loaders read the config beside the weights
     if (path / "vocoder" / "config.json").exists():  # a vocoder training run
         path = path / "vocoder"
+    kind = _folder_kind(path)
+    if kind is not None:
+        return LOADERS[kind](path)
+    checkpoints = sorted((path / "checkpoints").glob("iter-*/vocoder/config.json"))
+    if checkpoints:
+        raise ValueError(f"{path} is a vocoder training run that has not finished (no vocoder/ yet); its newest "
+                         f"checkpoint loads: {checkpoints[-1].parent.parent}")  # fmt: skip
+    raise ValueError(f"{path} holds no vocoder scm-mm can read: {EXPECTED}")
+
+
+EXPECTED = (
+    "expected a scm-mm vocoder (config.json with 'type') or its training run, a Vocos folder (config.yaml + "
+    "pytorch_model.bin), a BigVGAN folder (config.json + bigvgan_generator.pt) or a HiFi-GAN generator "
+    "(g_XXXXXXXX or generator_*, with config.json beside it)"
+)
+LOADERS = {"scm-mm": load_vocoder_dir, "vocos": load_vocos, "bigvgan": load_bigvgan, "hifigan": load_hifigan}
+
+
+def _folder_kind(path: Path) -> str | None:
+    """Which vocoder a folder holds (a key of LOADERS), or None."""
+    if not path.is_dir():
+        return None
     config = path / "config.json"
     if config.exists() and "type" in json.loads(config.read_text()):
-        return load_vocoder_dir(path)
+        return "scm-mm"
     if (path / "config.yaml").exists():
-        return load_vocos(path)
+        return "vocos"
     if (path / "bigvgan_generator.pt").exists():
-        return load_bigvgan(path)
+        return "bigvgan"
     if any(_is_hifigan_generator(p) for p in path.iterdir()):
-        return load_hifigan(path)
-    raise ValueError(
-        f"{path} holds no vocoder scm-mm can read: expected a scm-mm vocoder (config.json with 'type'), "
-        "a Vocos folder (config.yaml + pytorch_model.bin), a BigVGAN folder (config.json + "
-        "bigvgan_generator.pt) or a HiFi-GAN generator (g_XXXXXXXX + config.json)"
-    )
+        return "hifigan"
+    return None
