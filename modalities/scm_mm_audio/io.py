@@ -37,6 +37,7 @@ import torch
 import torchaudio.functional as AF
 
 TRUNCATION_SLACK = (2 * 1152, 0.01)  # (frames, fraction): allowed shortfall, the larger of the two
+MAX_CHANNELS = 64  # save_wav refuses more: such a "waveform" is (samples, channels) the wrong way round
 SF_FALLBACK_CODES = (1, 4)  # libsndfile: SF_ERR_UNRECOGNISED_FORMAT, SF_ERR_UNSUPPORTED_ENCODING
 LOUDNESS_BLOCK_SECONDS = 0.4  # BS.1770 gating block
 
@@ -238,7 +239,8 @@ def save_wav(
     loudness_lufs: float = -23.0,             # "loudness": integrated loudness target (EBU R128: -23)
     format: Literal["wav", "flac"] = "wav",   # the container; the path's suffix must agree
 ) -> Path:
-    """Write a .wav (or .flac) file (atomically, creating its folder); returns its path."""
+    """Write a .wav (or .flac) file (atomically, creating its folder); returns its path. A wave with more
+    channels than samples (beyond stereo), or more than MAX_CHANNELS, is refused as (samples, channels)."""
     path = Path(path)
     if format not in ("wav", "flac"):
         raise ValueError(f"format must be 'wav' or 'flac', got {format!r}")
@@ -251,6 +253,9 @@ def save_wav(
     x = x[None] if x.ndim == 1 else x
     if x.ndim != 2:
         raise ValueError(f"expected a waveform (channels, samples) or (samples,), got shape {tuple(x.shape)}")
+    if x.shape[0] > MAX_CHANNELS or x.shape[0] > max(x.shape[1], 2):  # soundfile's layout: (samples, channels)
+        raise ValueError(f"expected a waveform (channels, samples); got {tuple(x.shape)}, i.e. {x.shape[0]} "
+                         f"channels of {x.shape[1]} samples: transpose it?")  # fmt: skip
     if not torch.isfinite(x).all():
         raise ValueError(f"the waveform for {path} has non-finite samples")
     if normalize == "peak":

@@ -58,7 +58,12 @@ def test_save_wav_refuses_bad_arguments(tmp_path):
         save_wav(torch.tensor([0.0, float("nan")]), tmp_path / "clip.wav", 16000)
     with pytest.raises(ValueError, match="normalize"):
         save_wav(torch.zeros(100), tmp_path / "clip.wav", 16000, normalize="rms")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\(channels, samples\); got \(16000, 2\).*transpose"):
+        save_wav(torch.zeros(16000, 2), tmp_path / "clip.wav", 16000)  # soundfile's (samples, channels)
+    with pytest.raises(ValueError, match="transpose"):
+        save_wav(torch.zeros(5, 3), tmp_path / "clip.wav", 16000)
     assert not list(tmp_path.iterdir())
+    save_wav(torch.zeros(2, 1), tmp_path / "one-stereo-sample.wav", 16000)  # stereo is never refused
 
 
 # --- normalisation -------------------------------------------------------------------------------
