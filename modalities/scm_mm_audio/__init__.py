@@ -6,6 +6,18 @@
     model.save("notes.wav")
 """
 
-from .api import AudioModality, AudioSCM
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["AudioModality", "AudioSCM"]
+
+if TYPE_CHECKING:
+    from .api import AudioModality, AudioSCM
+
+
+def __getattr__(name: str) -> Any:
+    """The API on first use, so the mel code, presets and vocoder trainer import without soundfile or librosa."""
+    if name in __all__:
+        from . import api  # noqa: PLC0415
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
