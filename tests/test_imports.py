@@ -69,7 +69,7 @@ def test_the_presets_and_the_gpu_benchmarks_import_without_media_packages():
     blocked = ("av", "soundfile", "librosa", "diffusers", "hydra", "omegaconf")
     code = (
         f"import sys\nfor name in {blocked}: sys.modules[name] = None\n"
-        "import scm_mm_image.presets, scm_mm_video.presets, scm_mm_video.vae_train\n"
+        "import scm_mm_image.presets, scm_mm_video.presets, scm_mm_video.vae_train, scm_mm_audio.vocoder_train\n"
         "import runpy\nsys.argv = ['step_time.py', '--help']\n"
         "try:\n    runpy.run_path('bench/step_time.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
     )
