@@ -22,6 +22,7 @@ samples // hop. A vocoder turns T frames back into `spec.samples(T)` samples.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -30,6 +31,15 @@ import torch
 import torchaudio.functional as AF
 
 from scm_mm.modality import check_state
+
+
+CHOICES = {  # the values of MelSpec's Literal fields that log_mel computes
+    "window": ("hann",),
+    "mel_scale": ("slaney", "htk"),
+    "mel_norm": ("slaney", "none"),
+    "log": ("ln", "log10"),
+    "pad_mode": ("reflect", "constant"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,23 @@ class MelSpec:
     pad_mode: Literal["reflect", "constant"] = "reflect"
 
     def __post_init__(self) -> None:
+        # Specs come from user-editable configs and checkpoints: a value this code would compute differently
+        # (log2, "Slaney", a Hamming window) is refused, so two equal specs always mean equal mels.
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"mel setting {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"mel setting {name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a numpy integer becomes an int (JSON, equality)
+        if not isinstance(self.center, bool):
+            raise ValueError(f"mel setting center must be true or false, got {self.center!r}")
+        if not self.power > 0 or not self.magnitude_eps >= 0:
+            raise ValueError(f"need power > 0 and magnitude_eps >= 0, got {self.power} and {self.magnitude_eps}")
+        if not self.center and (self.n_fft - self.hop_length) % 2:
+            raise ValueError(f"uncentred frames pad (n_fft - hop_length) / 2 on each side, so n_fft - hop_length "
+                             f"must be even; got {self.n_fft} - {self.hop_length}")  # fmt: skip
         if self.win_length > self.n_fft:
             raise ValueError(f"win_length {self.win_length} > n_fft {self.n_fft}")
         if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:

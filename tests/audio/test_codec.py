@@ -235,6 +235,27 @@ def test_fit_uses_evenly_spaced_items_and_names_a_bad_one():
         MelCodec().fit(data, max_items=4)
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"log": "log2"}, "log must be one of"),            # was computed as log10
+        ({"mel_norm": "Slaney"}, "mel_norm must be one of"),  # was no norm at all
+        ({"window": "hamming"}, "window must be one of"),   # was Hann
+        ({"pad_mode": "zeros"}, "pad_mode must be one of"),
+        ({"hop_length": 0}, "hop_length must be a positive integer"),
+        ({"n_mels": 64.5}, "n_mels must be a positive integer"),
+        ({"center": "false"}, "center must be true or false"),
+        ({"power": 0.0}, "power > 0"),
+        ({"center": False, "hop_length": 255}, "n_fft - hop_length must be even"),  # frames() off by one
+    ],
+)
+def test_a_spec_refuses_settings_it_would_compute_otherwise(setting, message):
+    with pytest.raises(ValueError, match=message):
+        mel_spec("small_16k", **setting)
+    assert mel_spec("small_16k", n_mels=np.int64(64)) == PRESETS["small_16k"]  # numpy integers are ints
+    assert type(mel_spec("small_16k", n_mels=np.int64(64)).n_mels) is int
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("pad_mode", ["reflect", "constant"])
 def test_min_samples_is_the_shortest_clip_log_mel_frames(preset, pad_mode):
