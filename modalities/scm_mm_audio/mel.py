@@ -32,7 +32,6 @@ import torchaudio.functional as AF
 
 from scm_mm.modality import check_state
 
-
 CHOICES = {  # the values of MelSpec's Literal fields that log_mel computes
     "window": ("hann",),
     "mel_scale": ("slaney", "htk"),
