@@ -826,6 +826,7 @@ def render_soundfont_notes(
     if not soundfont.is_file():
         raise FileNotFoundError(f"pretty_midi ships no TimGM6mb.sf2 at {soundfont}; reinstall pretty_midi")
     out = Path(out_dir)
+    pitches = list(pitches)  # read once per program: a generator would play for the first program only
     (out / "audio").mkdir(parents=True, exist_ok=True)
     synth = tinysoundfont.Synth(samplerate=sample_rate)
     sfid = synth.sfload(str(soundfont))

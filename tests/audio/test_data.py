@@ -482,6 +482,53 @@ def test_render_soundfont_notes_says_how_to_install(tmp_path, monkeypatch):
         render_soundfont_notes(tmp_path)
 
 
+class FakeSynth:
+    """A stand-in for tinysoundfont.Synth that plays a sine at the note's pitch (the plumbing test)."""
+
+    def __init__(self, samplerate: int) -> None:
+        self.rate, self.pitch, self.done = samplerate, None, 0
+
+    def sfload(self, path):
+        return 0
+
+    def sfpreset_name(self, sfid, bank, program):
+        return f"preset {program}"
+
+    def sounds_off(self):
+        self.pitch, self.done = None, 0
+
+    def program_select(self, channel, sfid, bank, program):
+        pass
+
+    def noteon(self, channel, pitch, velocity):
+        self.pitch = pitch
+
+    def noteoff(self, channel, pitch):
+        pass
+
+    def generate(self, frames: int) -> bytes:
+        t = (self.done + np.arange(frames)) / self.rate
+        self.done += frames
+        mono = 0.3 * np.sin(2 * np.pi * midi_to_hz(self.pitch) * t)
+        return np.repeat(mono, 2).astype(np.float32).tobytes()  # interleaved stereo
+
+
+def test_render_soundfont_notes_plays_every_pitch_for_every_program(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "pretty_midi"  # a stand-in pretty_midi that ships the soundfont file
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "TimGM6mb.sf2").write_bytes(b"sf2")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "pretty_midi", raising=False)
+    monkeypatch.setitem(sys.modules, "tinysoundfont", types.SimpleNamespace(Synth=FakeSynth))
+    pitches = (p for p in (60, 67))  # a generator: read once, played for both programs
+    root = render_soundfont_notes(tmp_path / "gm", programs=(0, 73), pitches=pitches, velocities=(100,), seconds=0.25)
+    assert sorted(json.loads((root / "examples.json").read_text())) == [
+        "flute_synthetic_073-060-100", "flute_synthetic_073-067-100",
+        "keyboard_synthetic_000-060-100", "keyboard_synthetic_000-067-100",
+    ]  # fmt: skip
+
+
 FAKE_ESPEAK = """#!/bin/sh
 # A stand-in for espeak-ng that copies a 0.5 s, 22.05 kHz tone to the -w file, for the plumbing test.
 while [ $# -gt 0 ]; do
