@@ -4,10 +4,12 @@
     python examples/generate_audio.py --checkpoint runs/notes_scd --vocoder runs/notes_vocoder --out notes.wav
 
 Without --checkpoint, it trains the library's recipe (configs/experiment/notes_teacher.yaml, notes_scd.yaml and
-notes_vocoder.yaml) on the embedded notes (synthesised on the fly: twelve pitches from C4 to B4 played by four
+notes_vocoder.yaml) on the embedded notes (synthesised on the fly: twelve pitches from C4 to B4 played by five
 timbres): a TrigFlow teacher over log-mels, an sCD student initialised from the teacher's EMA, and a Vocos-style
 vocoder trained on the same clips. The runs live in the cache folder ($SCM_MM_CACHE, or ~/.cache/scm-mm) and resume
 where they stopped, so a second call only samples. The clips cycle through the pitches (label k = MIDI 60 + k).
+With --checkpoint and no --vocoder, it vocodes with the recipe's vocoder run beside the checkpoint's run
+(<folder>/notes_vocoder) when there is one, else with Griffin-Lim; it prints which.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from scm_mm.app import train
+from scm_mm.train.checkpoint import CHECKPOINT_DIR, resolve_checkpoint
 from scm_mm_audio import AudioSCM
 
 
@@ -46,11 +49,20 @@ def train_recipe(root: Path, iters: dict[str, int | None]) -> tuple[Path, Path]:
     return root / "notes_scd", root / "notes_vocoder"
 
 
+def recipe_vocoder(checkpoint: str | Path) -> Path | None:
+    """The recipe's vocoder run beside a checkpoint's run (<folder>/notes_vocoder with its vocoder/), or None."""
+    found = resolve_checkpoint(Path(checkpoint).expanduser())
+    run = found.parent.parent if found.parent.name == CHECKPOINT_DIR else found
+    candidate = run.parent / "notes_vocoder"
+    return candidate if (candidate / "vocoder").is_dir() else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a run or checkpoint directory; default: train (or reuse) the recipe")
     p.add_argument("--vocoder", help="a vocoder (run, scm-mm vocoder folder or pretrained checkpoint), "
-                                     "'griffin-lim', or default: the recipe's vocoder")  # fmt: skip
+                                     "'griffin-lim', or default: the recipe's vocoder (beside --checkpoint's "
+                                     "run: notes_vocoder), else Griffin-Lim")  # fmt: skip
     p.add_argument("--out", default="notes.wav", help="notes.wav -> notes-000.wav, notes-001.wav, ...")
     p.add_argument("--n", type=int, default=12)
     p.add_argument("--steps", type=int, default=2)
@@ -66,12 +78,15 @@ def main() -> None:
     vocoder = args.vocoder
     if args.checkpoint:
         run = args.checkpoint
+        vocoder = vocoder or recipe_vocoder(run)
     else:
         iters = {"notes_teacher": args.teacher_iters, "notes_scd": args.student_iters,
                  "notes_vocoder": args.vocoder_iters}  # fmt: skip
         run, trained_vocoder = train_recipe(args.cache or cache_root(), iters)
         vocoder = vocoder or trained_vocoder
-    model = AudioSCM.load(run, vocoder=None if vocoder == "griffin-lim" else vocoder)
+    vocoder = None if vocoder == "griffin-lim" else vocoder
+    print(f"vocoder: {vocoder or 'Griffin-Lim'}")
+    model = AudioSCM.load(run, vocoder=vocoder)
     model.generate(args.n, steps=args.steps, seconds=args.seconds, guidance=args.guidance, seed=args.seed)
     for path in model.save(args.out):
         print(f"wrote {path}")

@@ -4,7 +4,9 @@ Also: the student inherits its teacher's mel statistics, AudioSCM's durations an
 a vocoder of another mel spec refused, and the example script end to end.
 """
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from scm_mm_audio.mel import mel_spec
 from scm_mm_audio.metrics import AudioClassifier, classifier_spec, train_audio_classifier
 from scm_mm_audio.vocos import Vocos
 
+EXAMPLE = Path(__file__).parents[2] / "examples" / "generate_audio.py"
 TINY = [
     "data.dataset.size=48", "train.batch_size=8", "train.progress=false", "train.log_every=1", "device=cpu",
     "+net.hidden=32", "+net.depth=1", "+net.heads=1",
@@ -115,9 +118,21 @@ def test_eval_app_at_22k_trains_its_classifier_at_the_runs_rate(tmp_path):
     assert given["fad"] >= 0 and given["fad"] != result["fad"]
 
 
+def test_generate_audio_example_vocodes_a_checkpoint_with_the_recipes_vocoder_beside_it(runs, tmp_path):
+    spec = importlib.util.spec_from_file_location("generate_audio", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    shutil.copytree(runs / "scd", tmp_path / "notes_scd")
+    assert example.recipe_vocoder(tmp_path / "notes_scd") is None  # Griffin-Lim, and the example says so
+    shutil.copytree(runs / "vocoder", tmp_path / "notes_vocoder")
+    assert example.recipe_vocoder(tmp_path / "notes_scd") == tmp_path / "notes_vocoder"
+    checkpoint = resolve_checkpoint(tmp_path / "notes_scd")  # a checkpoint inside the run: the same
+    assert example.recipe_vocoder(checkpoint) == tmp_path / "notes_vocoder"
+    assert "played by five\ntimbres" in EXAMPLE.read_text()  # as SynthNotes and configs/data/notes.yaml
+
+
 def test_generate_audio_example_trains_caches_and_reuses(tmp_path):
-    example = Path(__file__).parents[2] / "examples" / "generate_audio.py"
-    cmd = [sys.executable, str(example), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "n.wav"),
+    cmd = [sys.executable, str(EXAMPLE), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "n.wav"),
            "--n", "2", "--teacher-iters", "1", "--student-iters", "1", "--vocoder-iters", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, capture_output=True, env=env)
