@@ -14,7 +14,8 @@ supplies
 
 A codec whose normalisation is measured on the data (the audio codec's per-bin mel statistics) also
 has `fitted: bool` and `fit(raw_dataset) -> codec`; the trainer fits it on the training data, and a
-student inherits the fitted codec of its teacher.
+student inherits the fitted codec of its teacher. A codec with a network (a VAE, a vocoder) also has
+`to(device) -> codec`, which `codec_to` calls: the apps run it where the model runs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class Codec(Protocol):
     def state(self) -> dict[str, Any]:
         """JSON-serialisable settings, stored with every checkpoint."""
         ...
+
+
+def codec_to(codec: Codec, device: str | torch.device) -> Codec:
+    """`codec` with its network (a VAE, a vocoder) on `device`; a codec without one (pixels) as it is."""
+    move = getattr(codec, "to", None)
+    return move(device) if move is not None else codec
 
 
 @runtime_checkable

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .modality import Codec, Modality, get_modality
+from .modality import Codec, Modality, codec_to, get_modality
 from .precond import TrigFlowPrecond
 from .samplers import sample
 from .train.build import load_model
@@ -48,7 +48,7 @@ class SCMPipeline:
             if key not in meta:
                 raise ValueError(f"{run_or_checkpoint}: the checkpoint's meta.json has no {key!r}")
         modality = get_modality(meta["modality"])
-        codec = modality.codec_from_state(meta["codec"], **codec_overrides)
+        codec = codec_to(modality.codec_from_state(meta["codec"], **codec_overrides), device)  # decode there too
         if cls is SCMPipeline:  # the modality's own API (ImageSCM, AudioSCM) when it names one
             cls = getattr(modality, "pipeline", cls)
         return cls(model.to(device), codec, modality, meta["sample_shape"], meta.get("num_classes", 0), meta)

@@ -235,6 +235,11 @@ class MelCodec:
             raise ValueError(f"std must be positive in every bin, got min {min(self.std)}")
         self.vocoder = GriffinLim(self.spec) if vocoder is None else self._checked(vocoder)
 
+    def to(self, device: str | torch.device) -> MelCodec:
+        """Vocode on `device`; returns self."""
+        self.vocoder.to(device)
+        return self
+
     # -- statistics
 
     @property

@@ -202,6 +202,11 @@ class SDVAECodec(_CheckCompatible):
             out.append(to_uint8(self.vae.decode(latent).sample.float()).to(x0.device))
         return torch.cat(out)
 
+    def to(self, device: str | torch.device) -> SDVAECodec:
+        """Run the VAE on `device` (its dtype stays); returns self."""
+        self.vae.to(device=device)
+        return self
+
     def state(self) -> dict[str, Any]:
         config = self.vae.config
         return {

@@ -196,6 +196,13 @@ class VideoLatentCodec:
         mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(shape)
         return mean, torch.tensor(self.std, dtype=like.dtype, device=like.device).view(shape)
 
+    def to(self, device: str | torch.device) -> VideoLatentCodec:
+        """Run the autoencoder on `device`; returns self."""
+        move = getattr(self.vae, "to", None)  # an nn.Module, or a wrapper that may not move
+        if move is not None:
+            move(device)
+        return self
+
     def _device(self) -> torch.device:
         """Where the autoencoder's weights are (an nn.Module, or a wrapper exposing parameters())."""
         parameters = getattr(self.vae, "parameters", None)

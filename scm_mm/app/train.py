@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from scm_mm.data import training_set
-from scm_mm.modality import get_modality
+from scm_mm.modality import codec_to, get_modality
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_teacher
 from scm_mm.train.checkpoint import canonical_spec, read_meta, resolve_checkpoint
@@ -60,10 +60,13 @@ def run(cfg: DictConfig) -> Any:
         if info.enabled:
             raise ValueError(f"method {method.name!r} trains on one process; launch it without torchrun")
         return instantiate(method.trainer)(dataset=raw, run_dir=run_dir, device=info.device)
-    codec = instantiate(cfg.modality.codec)
+    codec: Any = codec_to(instantiate(cfg.modality.codec), info.device)  # a VAE encodes, decodes on the model's device
     if not getattr(codec, "fitted", True):  # normalisation measured on the data (mel statistics)
         source = method.get("teacher") or method.get("init_from")
-        codec = modality.codec_from_state(read_meta(resolve_checkpoint(source))["codec"]) if source else codec.fit(raw)
+        if source:  # the student keeps its teacher's statistics
+            codec = codec_to(modality.codec_from_state(read_meta(resolve_checkpoint(source))["codec"]), info.device)
+        else:
+            codec = codec.fit(raw)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir.parent / ".cache"
     if not info.is_main:  # rank 0 encodes (and caches) the data first; the others then read the cache
         barrier(info)

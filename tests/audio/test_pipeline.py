@@ -77,6 +77,11 @@ def test_audio_scm_generates_seeded_clips_of_any_length_and_writes_wavs(runs, tm
     assert griffin.shape == (1, 1, 31 * 256)
 
 
+def test_the_vocoder_runs_where_the_model_runs(runs):
+    pipe = SCMPipeline.load(runs / "scd", device="meta", vocoder=runs / "vocoder")  # meta: a device on any machine
+    assert next(pipe.codec.vocoder.parameters()).device.type == "meta"
+
+
 def test_a_vocoder_of_another_mel_spec_is_refused_naming_the_fields(runs):
     other = Vocos(mel_spec("small_16k", n_mels=80, fmax=7600.0), dim=16, intermediate_dim=32, num_layers=1)
     with pytest.raises(ValueError, match=r"(?s)fmax: 8000.0 != 7600.0.*n_mels: 64 != 80"):

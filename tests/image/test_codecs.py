@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from scm_mm.modality import Codec
+from scm_mm.modality import Codec, codec_to
 from scm_mm_image.codecs import PixelCodec, SDVAECodec, codec_from_state, latent_statistics
 
 # ------------------------------------------------------------------------------------------- pixels
@@ -127,6 +127,14 @@ def test_sd_vae_state_and_compatibility(vae_dir, tmp_path):
     assert "weights_digest" in str(error.value) and "mean" not in str(error.value)
     with pytest.raises(ValueError, match=r"mean: \[0.1, 0.2, 0.3, 0.4\] != \[1.56"):
         SDVAECodec(vae_dir).check_compatible(state)
+
+
+def test_codecs_move_their_network_and_pixels_have_none(vae_dir):
+    codec = SDVAECodec(vae_dir, dtype=torch.float64)
+    assert codec_to(codec, "meta") is codec
+    assert {(p.device.type, p.dtype) for p in codec.vae.parameters()} == {("meta", torch.float64)}
+    pixels = PixelCodec()
+    assert codec_to(pixels, "meta") is pixels
 
 
 def test_sd_vae_missing_path_and_pipeline_folder(tmp_path, vae_dir):

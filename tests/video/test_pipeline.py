@@ -68,6 +68,11 @@ def test_video_scm_generates_seeded_clips_of_any_length_and_writes_mp4(runs, tmp
     assert type(SCMPipeline.load(runs / "scd")) is VideoSCM  # the core loader returns the modality's API
 
 
+def test_the_autoencoder_runs_where_the_model_runs(runs):
+    pipe = SCMPipeline.load(runs / "scd", device="meta")  # meta: a device on any machine
+    assert next(pipe.codec.vae.parameters()).device.type == "meta"
+
+
 def test_a_checkpoint_refuses_another_autoencoder(runs, tmp_path):
     save_video_vae(vae_preset("digits", base_channels=8, groups=4), tmp_path / "other")
     with pytest.raises(ValueError, match="weights_digest"):
