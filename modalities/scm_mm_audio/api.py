@@ -22,6 +22,7 @@ import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
 from scm_mm.metrics.classifier import cached_classifier
+from scm_mm.metrics.reference import subset_indices
 from scm_mm.pipeline import SCMPipeline
 
 from .codec import MelCodec, codec_from_state
@@ -92,19 +93,22 @@ class AudioModality:
         sample_rate: int = 16000,
         classifier_path: str | None = None,
         cache_dir: str | Path | None = None,
-        max_reference: int = 5000,
+        max_reference: int = 5000,      # real clips scored against: a random subset of this size
+        reference_seed: int = 0,        # which subset; fixed, so scores are reproducible
         **_: Any,                       # image-only options of scm-mm-eval (features, inception_path)
     ) -> dict[str, float]:
         """Frechet distance, IS, precision and recall in the features of a classifier trained on the
         reference data (the SC09 recipe), plus pitch accuracy when the data knows each class's pitch.
+        The reference is a uniform subset of at most max_reference clips (`subset_indices`: not the first
+        ones, which a folder sorts by speaker or class), reported as "reference_clips" and "reference_seed".
         A reference of random crops is read with centred ones: the same clips at every evaluation.
         The classifier trained here works at the reference's rate; a given one at another rate gets
         both sets of clips resampled to its own."""
         if getattr(reference, "crop", None) == "random" and hasattr(reference, "with_crop"):
             reference = reference.with_crop("center")
         classifier = self._classifier(reference, classifier_path, cache_dir)
-        n = min(len(reference), max_reference)  # type: ignore[arg-type]
-        real = torch.stack([torch.as_tensor(reference[i][0]) for i in range(n)])
+        indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
+        real = torch.stack([torch.as_tensor(reference[i][0]) for i in indices.tolist()])
         rate = classifier.spec.sample_rate
         generated = AF.resample(waves.mean(1).float(), sample_rate, rate) if sample_rate != rate else waves.mean(1)
         real_rate = int(getattr(reference, "sample_rate", sample_rate))
@@ -115,7 +119,7 @@ class AudioModality:
         if None not in midi:  # the classes are pitches (not instruments or speakers)
             pitch = pitch_accuracy(waves.mean(1), sample_rate, torch.tensor(midi, dtype=torch.float64))
             out.update({f"pitch_{k}": v for k, v in pitch.items()})
-        return out
+        return {**out, "reference_clips": len(indices), "reference_seed": reference_seed}
 
     @staticmethod
     def _classifier(reference: Dataset, path: str | None, cache_dir: str | Path | None) -> AudioClassifier:

@@ -261,3 +261,39 @@ def test_pitch_speed_and_accuracy_on_synth_notes():
     print(f"pitch_accuracy {result}; {1000 * per_clip:.0f} ms per clip (+- 1 octave), "
           f"{1000 * full:.0f} ms per clip (MIDI 36-96)")
     assert result["accuracy"] >= 0.95
+
+
+class Recording(Tones):
+    """Tones that record which items were read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = []
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
+def test_the_reference_is_a_seeded_subset_across_classes(tmp_path):
+    """A reference listed class by class (as a folder of speakers is): the clips scored against are a seeded
+    uniform subset that spans the classes, not the first ones, the same for the same seed."""
+    from scm_mm.metrics import subset_indices
+    from scm_mm_audio import AudioModality
+
+    waves, _ = tones([60] * 40, seconds=0.1)
+    labels = torch.arange(4).repeat_interleave(10)  # 4 classes x 10 clips, sorted by class
+    torch.manual_seed(0)
+    AudioClassifier(num_classes=4).save(tmp_path / "clf")
+
+    def scored(seed):
+        reference = Recording(waves, labels)
+        out = AudioModality().evaluate(waves[::3], reference, classifier_path=str(tmp_path / "clf"), max_reference=12,
+                                       reference_seed=seed)  # fmt: skip
+        assert (out["reference_clips"], out["reference_seed"]) == (12, seed) and np.isfinite(out["fad"])
+        return reference.read
+
+    read = scored(0)
+    assert read == subset_indices(40, 12, 0).tolist()
+    assert {int(labels[i]) for i in read} == {0, 1, 2, 3}  # the first 12 would hold classes 0 and 1 only
+    assert scored(0) == read and scored(1) != read
