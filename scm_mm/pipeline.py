@@ -115,8 +115,8 @@ class SCMPipeline:
         raise ValueError(f"{self.modality.name} samples have no frames")
 
     def generate(self, n: int, **kwargs: Any) -> torch.Tensor:
-        """Decoded media for n samples; keywords as in `sample_latents`."""
-        return self.codec.decode(self.sample_latents(n, **kwargs))
+        """Decoded media for n samples, on the CPU; keywords as in `sample_latents`."""
+        return self.codec.decode(self.sample_latents(n, **kwargs)).cpu()
 
     def media_options(self) -> dict[str, Any]:
         """What the modality's writer and metrics need to know besides the media (e.g. a sample rate)."""

@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
         guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size,
     )  # fmt: skip
-    media = pipe.codec.decode(x0)
+    media = pipe.codec.decode(x0).cpu()  # the metrics run on the CPU; also waits for the device
     seconds = time.perf_counter() - start
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else ckpt.parent.parent.parent / ".cache"
     metrics = pipe.modality.evaluate(  # type: ignore[attr-defined]

@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> list[Path]:
         cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
         guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size, shape=shape,
     )  # fmt: skip
-    media = pipe.codec.decode(x0)
+    media = pipe.codec.decode(x0).cpu()  # also waits for the device, so the time below is right
     seconds = time.perf_counter() - start
     paths = pipe.save_media(media, cfg.out)
     print(f"{cfg.n} samples in {seconds:.2f} s ({cfg.solver}, {cfg.steps} steps) -> {', '.join(map(str, paths))}")

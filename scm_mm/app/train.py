@@ -103,14 +103,14 @@ def run(cfg: DictConfig) -> Any:
     guidance = 1.0 if cfg.method.guidance_input and cfg.data.num_classes else None
 
     def generate(ema_model: torch.nn.Module, n: int, seed: int) -> tuple[SCMPipeline, torch.Tensor, Any]:
-        """(pipeline, n decoded samples of the run's sampler, their labels)."""
+        """(pipeline, n decoded samples of the run's sampler on the CPU, their labels)."""
         pipe = pipeline(ema_model, codec, modality, sample_shape, int(cfg.data.num_classes), meta)  # type: ignore[arg-type]
         labels = pipe.labels_for(n, None)  # a class-conditional model cycles through its classes
         x0 = pipe.sample_latents(
             n, steps=cfg.sampler.steps, method=cfg.sampler.method, t_mid=cfg.sampler.t_mid, seed=seed,
             labels=labels, guidance=guidance,
         )  # fmt: skip
-        return pipe, pipe.codec.decode(x0), labels
+        return pipe, pipe.codec.decode(x0).cpu(), labels
 
     def preview(ema_model: torch.nn.Module, it: int) -> torch.Tensor:
         return modality.preview(generate(ema_model, cfg.preview.n, cfg.preview.seed)[1])
