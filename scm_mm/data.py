@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .modality import Codec
+from .modality import Codec, without_location
 
 
 def _as_item(media: Any, label: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,11 +113,12 @@ class RandomViews(Dataset):
 
 
 def cache_key(raw: Dataset, codec: Codec) -> str:
-    """A short hash of the dataset's fingerprint and the codec's settings."""
+    """A short hash of the dataset's fingerprint and the codec's settings, less where its files lie (a VAE
+    moved to another folder keeps its cache; another VAE, with another weights digest, does not)."""
     fingerprint = getattr(raw, "fingerprint", None)
     if not fingerprint:
         raise ValueError(f"{type(raw).__name__} has no `fingerprint`, so its encoding cannot be cached safely")
-    blob = json.dumps({"data": fingerprint, "codec": codec.state()}, sort_keys=True, default=str)
+    blob = json.dumps({"data": fingerprint, "codec": without_location(codec.state())}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -69,6 +69,22 @@ class Modality(Protocol):
         ...
 
 
+# Codec-state fields that say only where a codec's files lie (a VAE's folder), not what it computes: the
+# same VAE copied to another disk or machine is the same codec. What it is, the state records apart
+# (SD-VAE's config and weights_digest, a video autoencoder's description).
+LOCATION_FIELDS = ("path",)
+
+
+def without_location(state: Mapping[str, Any]) -> dict[str, Any]:
+    """`state` without its LOCATION_FIELDS, at any depth: what to compare two codecs by (a teacher's and
+    its student's) and what to key a cache of encodings by."""
+    return {
+        key: without_location(value) if isinstance(value, Mapping) else value
+        for key, value in state.items()
+        if key not in LOCATION_FIELDS
+    }
+
+
 def state_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
     """One line per field that differs between two codec (or model) states, in key order."""
     lines = []

@@ -87,6 +87,43 @@ def test_random_views_are_cut_afresh_from_one_cached_encoding(tmp_path):
     assert all(torch.equal(a, data[5][0]) for a in first)  # main process: torch's global generator
 
 
+class Located(Scale):
+    """A cacheable codec whose files lie at `path`, recorded at the top and inside a nested description
+    (as the video codec records its autoencoder); `digest` names its weights."""
+
+    def __init__(self, path: str, digest: str = "a") -> None:
+        self.path, self.digest = path, digest
+
+    def state(self):
+        return {"type": "scale", "path": self.path, "autoencoder": {"path": self.path, "weights_digest": self.digest}}
+
+
+class Counted:
+    """A raw dataset of 6 fixed (1, 4, 4) items that counts the items read."""
+
+    num_classes, fingerprint = 0, "counted-6"
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int):
+        self.read += 1
+        return torch.full((1, 4, 4), float(i)), -1
+
+
+def test_a_moved_codec_keeps_its_cached_encoding_and_another_codec_does_not(tmp_path):
+    raw = Counted()
+    first = training_set(raw, Located("/disk1/vae"), tmp_path)
+    assert raw.read == 6 and torch.equal(first.x0[:, 0, 0, 0], 2 * torch.arange(6.0).half())
+    training_set(raw, Located("/disk2/copy-of-vae"), tmp_path)  # the same VAE elsewhere: the cache
+    assert raw.read == 6 and len(list(tmp_path.iterdir())) == 1
+    training_set(raw, Located("/disk1/vae", digest="b"), tmp_path)  # other weights at the same path: encoded
+    assert raw.read == 12 and len(list(tmp_path.iterdir())) == 2
+
+
 def test_items_of_unequal_shapes_are_refused_with_a_clear_error():
     class Ragged:
         def __len__(self):

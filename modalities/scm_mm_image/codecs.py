@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from scm_mm.modality import check_state
+from scm_mm.modality import LOCATION_FIELDS, check_state
 
 SD_VAE_FT_MSE_MEAN = (1.56, -0.695, 0.483, 0.729)  # raw latent units (before scaling_factor); sCM, latents at 512^2
 SD_VAE_FT_MSE_STD = (5.27, 5.91, 4.21, 4.31)
@@ -49,7 +49,7 @@ class _CheckCompatible:
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def check_compatible(self, saved_state: Mapping[str, Any], ignore: Sequence[str] = ("path",)) -> None:
+    def check_compatible(self, saved_state: Mapping[str, Any], ignore: Sequence[str] = LOCATION_FIELDS) -> None:
         """Raise ValueError naming each field in which `saved_state` (e.g. a checkpoint's) differs from
         this codec's state. `ignore`: fields that may differ (by default the VAE's location)."""
         saved = {k: v for k, v in saved_state.items() if k not in ignore}
@@ -241,7 +241,7 @@ def codec_from_state(state: Mapping[str, Any], **overrides: Any) -> PixelCodec |
     else:
         raise ValueError(f"unknown image codec kind {kind!r} in state; known: {sorted(CODECS)}")
     codec = CODECS[kind](**{**kwargs, **overrides})
-    codec.check_compatible(state, ignore=("path", *overrides))
+    codec.check_compatible(state, ignore=(*LOCATION_FIELDS, *overrides))
     return codec
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..modality import state_differences
+from ..modality import state_differences, without_location
 from ..precond import TrigFlowPrecond
 from .checkpoint import (
     build_from_spec,
@@ -81,14 +81,16 @@ def load_teacher(
     """(teacher, student initialised from the teacher's EMA weights), as the paper does (App. G.2).
 
     Refuses a teacher whose architecture, parameterization (sigma_d, time scale) or codec differs,
-    with every differing field in the message. A student-only guidance embedding starts at zero,
-    so the student initially computes exactly the teacher's F.
+    with every differing field in the message; where the codec's files lie (its VAE's path) may differ.
+    A student-only guidance embedding starts at zero, so the student initially computes exactly the
+    teacher's F.
     """
     ckpt = resolve_checkpoint(checkpoint)
     teacher, meta = load_model(ckpt)
     lines = teacher_mismatch(student_spec, meta["model"])
-    if codec_state is not None and "codec" in meta:
-        lines += [f"  codec.{line.strip()}" for line in state_differences(dict(codec_state), meta["codec"])]
+    if codec_state is not None and "codec" in meta:  # the same VAE at another path is the same codec
+        codec_lines = state_differences(without_location(codec_state), without_location(meta["codec"]))
+        lines += [f"  codec.{line.strip()}" for line in codec_lines]
     if lines:
         raise ValueError(
             f"the teacher at {ckpt} does not match the student (student != teacher):\n" + "\n".join(lines)

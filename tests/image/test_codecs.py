@@ -1,11 +1,14 @@
 """Image codecs: exact pixel round trip; SD-VAE codec on a tiny random diffusers AutoencoderKL from a local folder."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from scm_mm.modality import Codec, codec_to
+from scm_mm.train.build import build_model, load_teacher
+from scm_mm.train.checkpoint import save_checkpoint
 from scm_mm_image.codecs import PixelCodec, SDVAECodec, codec_from_state, latent_statistics
 
 # ------------------------------------------------------------------------------------------- pixels
@@ -127,6 +130,28 @@ def test_sd_vae_state_and_compatibility(vae_dir, tmp_path):
     assert "weights_digest" in str(error.value) and "mean" not in str(error.value)
     with pytest.raises(ValueError, match=r"mean: \[0.1, 0.2, 0.3, 0.4\] != \[1.56"):
         SDVAECodec(vae_dir).check_compatible(state)
+
+
+def _latent_teacher(run_dir, codec):
+    """A one-checkpoint run of a tiny latent U-Net trained (notionally) with `codec`; returns its spec."""
+    spec = {"net": {"_target_": "scm_mm.nn.unet.UNet", "in_channels": 4, "model_channels": 8, "channel_mult": [1],
+                    "num_blocks": 1, "groups": 4}, "precond": {"sigma_d": 0.5}}  # fmt: skip
+    model = build_model(spec)
+    save_checkpoint(run_dir, 1, model=model.state_dict(), ema={}, state={}, rank_states={},
+                    meta={"model": spec, "codec": json.loads(json.dumps(codec.state()))})  # fmt: skip
+    return spec
+
+
+def test_a_latent_teacher_distils_with_its_vae_at_another_path(vae_dir, tmp_path):
+    """The same VAE copied elsewhere (another machine's disk) is the teacher's codec; another VAE is not."""
+    spec = _latent_teacher(tmp_path / "teacher", SDVAECodec(vae_dir))
+    shutil.copytree(vae_dir, tmp_path / "copy")
+    teacher, student = load_teacher(tmp_path / "teacher", spec, SDVAECodec(tmp_path / "copy").state())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+    _save_vae(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="codec.weights_digest") as error:
+        load_teacher(tmp_path / "teacher", spec, SDVAECodec(tmp_path / "other").state())
+    assert "path" not in str(error.value)
 
 
 def test_codecs_move_their_network_and_pixels_have_none(vae_dir):
