@@ -22,7 +22,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,19 @@ class RandomViews(Dataset):
         start = self.starts[index]
         item = self.x0[..., start : start + int(self.lengths[index])]
         return self.view(item, draw_generator(index)).float(), self.labels[index]
+
+
+def files_digest(paths: Iterable[Path], root: Path) -> str:
+    """sha256 (hex) of each file's path relative to `root`, byte size and modification time (ns), in the
+    order given: the part of a folder dataset's fingerprint that changes when a file is added, removed,
+    renamed, replaced or edited in place, for one stat per file and no reads (ImageNet's 1.28M files in
+    seconds). tar and `rsync -a` keep modification times; a copy that does not gets a new fingerprint,
+    so its data are encoded again: the safe side."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def cache_key(raw: Dataset, codec: Codec) -> str:

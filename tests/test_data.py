@@ -1,12 +1,14 @@
 """scm_mm.data: random views (a fresh view of a cached item at every draw, repeated by a resumed run) and
 the cached training set."""
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from scm_mm import DiffusionLoss, TrigFlowPrecond
-from scm_mm.data import RandomViews, encode_all, training_set
+from scm_mm.data import RandomViews, encode_all, files_digest, training_set
 from scm_mm.train.checkpoint import build_from_spec
 from scm_mm.train.loop import TrainOptions, train
 
@@ -122,6 +124,22 @@ def test_a_moved_codec_keeps_its_cached_encoding_and_another_codec_does_not(tmp_
     assert raw.read == 6 and len(list(tmp_path.iterdir())) == 1
     training_set(raw, Located("/disk1/vae", digest="b"), tmp_path)  # other weights at the same path: encoded
     assert raw.read == 12 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_files_digest_changes_with_any_file_and_not_otherwise(tmp_path):
+    """The folder datasets' fingerprint part: names, sizes and mtimes (an edit of the same size included)."""
+    for name in ("a.bin", "b.bin"):
+        (tmp_path / name).write_bytes(b"1234")
+    files = sorted(tmp_path.iterdir())
+    first = files_digest(files, tmp_path)
+    assert files_digest(files, tmp_path) == first and len(first) == 64
+    (tmp_path / "a.bin").write_bytes(b"5678")  # edited in place: the same size, a later mtime
+    mtime = (tmp_path / "a.bin").stat().st_mtime_ns + 10**9
+    os.utime(tmp_path / "a.bin", ns=(mtime, mtime))
+    edited = files_digest(files, tmp_path)
+    assert edited != first
+    (tmp_path / "b.bin").rename(tmp_path / "c.bin")
+    assert files_digest(sorted(tmp_path.iterdir()), tmp_path) != edited
 
 
 def test_items_of_unequal_shapes_are_refused_with_a_clear_error():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import hashlib
 import io
 import pickle
 import tarfile
@@ -30,6 +29,8 @@ import PIL.Image
 import PIL.ImageFile
 import torch
 from torch.utils.data import Dataset
+
+from scm_mm.data import files_digest
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -233,10 +234,9 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
         self.num_classes = len(self.classes)
         self.bad_files: list[str] = []
-        names = hashlib.sha1("\n".join(p.relative_to(self.root).as_posix() for p in self.files).encode())
-        self.fingerprint = (
+        self.fingerprint = (  # the files' names, sizes and mtimes: an edited file gives another fingerprint
             f"folder:{self.root.resolve()}:n={len(self.files)}:classes={self.num_classes}:res={resolution}"
-            f":crop=edm2:files={names.hexdigest()[:12]}"
+            f":crop=edm2:files={files_digest(self.files, self.root)[:16]}"
         )
 
     def __len__(self) -> int:
@@ -273,8 +273,9 @@ class NpzImages(_TensorImages):
     """uint8 images from an .npz file, NHWC or NCHW (a trailing dim of 1, 3 or 4 means NHWC), or NHW.
 
     images_key / labels_key default to the first present of ("x", "images", "arr_0") / ("y", "labels").
-    Labels are optional; num_classes = max label + 1. The fingerprint names the file, its size in
-    bytes and the image shape (no content hash: that would read a large file twice).
+    Labels are optional; num_classes = max label + 1. The fingerprint names the file (its resolved path),
+    its size in bytes, its modification time and the image shape: another file, or the file written again,
+    gets another fingerprint (no content hash: that would be a pass over a large array at every start).
     """
 
     def __init__(
@@ -286,6 +287,7 @@ class NpzImages(_TensorImages):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no .npz file at {path}")
+        stat = path.stat()  # before reading: a file written again meanwhile gets a new fingerprint next time
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.keys())
             images_key = _pick_key(keys, images_key, ("x", "images", "arr_0"), path, "images")
@@ -306,7 +308,10 @@ class NpzImages(_TensorImages):
             raise ValueError(f"{path}[{labels_key!r}] must be 1-D integers, got {labels.dtype} {labels.shape}")
         num_classes = int(labels.max()) + 1 if labels is not None and labels.size else 0
         n, c, h, w = images.shape
-        fingerprint = f"npz:{path.name}:bytes={path.stat().st_size}:n={n}:ch={c}:res={h}x{w}:labels={labels_key}"
+        fingerprint = (
+            f"npz:{path.resolve()}:bytes={stat.st_size}:mtime_ns={stat.st_mtime_ns}:n={n}:ch={c}:res={h}x{w}"
+            f":labels={labels_key}"
+        )
         super().__init__(images, labels, num_classes, fingerprint)
 
 

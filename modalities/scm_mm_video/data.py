@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -30,6 +29,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from scm_mm.data import files_digest
 
 from .io import VideoError, VideoInfo, probe, read_video
 
@@ -253,15 +254,12 @@ class VideoFolder(Dataset):
                              f"{len(self.skipped)} skipped (see BadVideoWarning / .skipped); a clip needs "
                              f"{self.frames} frames at {fps or 'the file rate'} fps")  # fmt: skip
         self.fps = float(fps) if fps else float(np.median(rates))  # fps=None: the typical file rate
-        listing = hashlib.sha256()
-        for path in sorted({item[0] for item in self.items}):
-            stat = path.stat()
-            listing.update(f"{path.relative_to(self.root).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        listing = files_digest(sorted({item[0] for item in self.items}), self.root)  # names, sizes, mtimes
         split = f":split={Path(split_file).name}" if split_file is not None else ""
         self.fingerprint = (
             f"video-folder:{self.root.resolve()}:layout={layout}{split}:frames={self.frames}:fps={fps}:"
             f"clips={self.clips_per_video}:size={self.size[0]}x{self.size[1]}:ch={channels}:"
-            f"files={listing.hexdigest()[:16]}"
+            f"files={listing[:16]}"
         )
 
     def _listed(self, files: list[Path], split_file: Path) -> list[Path]:

@@ -147,8 +147,38 @@ def test_image_folder_nothing_readable(tmp_path):
     with pytest.warns(BadImageWarning), pytest.raises(RuntimeError, match="none of the 2 images"):
         data[0]
 
+def _touch_later(path, seconds=5):
+    """Move a file's mtime on by `seconds` (an edit, on file systems of any timestamp resolution)."""
+    mtime = path.stat().st_mtime_ns + seconds * 10**9
+    os.utime(path, ns=(mtime, mtime))
+
+
+def test_image_folder_fingerprint_follows_the_files_contents(tmp_path):
+    """The fingerprint keys the latent cache and the FID classifier: an edited file must change it."""
+    _save(tmp_path / "cat" / "a.png", _noise(16, 16, seed=0))
+    _save(tmp_path / "cat" / "b.png", _noise(16, 16, seed=1))
+    first = ImageFolder(tmp_path, resolution=16).fingerprint
+    assert ImageFolder(tmp_path, resolution=16).fingerprint == first  # nothing changed: the same
+    _save(tmp_path / "cat" / "a.png", _noise(16, 16, seed=2))  # edited in place, same name
+    _touch_later(tmp_path / "cat" / "a.png")
+    assert ImageFolder(tmp_path, resolution=16).fingerprint != first
+
 
 # --------------------------------------------------------------------------------------------- npz
+
+
+def test_npz_fingerprint_tells_files_of_one_shape_apart(tmp_path):
+    """Uncompressed .npz files of one shape have one size: the path and the mtime tell them apart."""
+    labels = np.arange(10) % 2
+    for folder, seed in (("a", 0), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        np.savez(tmp_path / folder / "train.npz", x=_noise(80, 8, seed=seed).reshape(10, 8, 8, 3), y=labels)
+    a, b = NpzImages(tmp_path / "a" / "train.npz"), NpzImages(tmp_path / "b" / "train.npz")
+    assert (tmp_path / "a" / "train.npz").stat().st_size == (tmp_path / "b" / "train.npz").stat().st_size
+    assert a.fingerprint != b.fingerprint and a.fingerprint == NpzImages(tmp_path / "a" / "train.npz").fingerprint
+    np.savez(tmp_path / "a" / "train.npz", x=_noise(80, 8, seed=2).reshape(10, 8, 8, 3), y=labels)
+    _touch_later(tmp_path / "a" / "train.npz")  # written again in place
+    assert NpzImages(tmp_path / "a" / "train.npz").fingerprint != a.fingerprint
 
 
 def test_npz_layouts_and_keys(tmp_path):
