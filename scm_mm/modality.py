@@ -52,6 +52,17 @@ def codec_to(codec: Codec, device: str | torch.device) -> Codec:
     return move(device) if move is not None else codec
 
 
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """"bfloat16" (as a config writes a codec's compute dtype), "torch.float16" or a torch.dtype -> the
+    torch.dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must name a floating-point torch dtype (float32, bfloat16, float16), got {dtype!r}")
+    return value
+
+
 @runtime_checkable
 class Modality(Protocol):
     name: str

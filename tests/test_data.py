@@ -154,6 +154,22 @@ def test_items_of_unequal_shapes_are_refused_with_a_clear_error():
         encode_all(Ragged(), Scale())
 
 
+def test_encode_all_fills_one_tensor_batch_by_batch():
+    data = encode_all(Counted(), Scale(), batch_size=4)  # batches of 4 and 2
+    assert data.x0.dtype == torch.float16 and data.x0.shape == (6, 1, 4, 4) and data.labels.tolist() == [-1] * 6
+    assert torch.equal(data.x0[:, 0, 0, 0], 2 * torch.arange(6.0).half())
+
+    class Ragged:  # items of one shape within a batch of 2, another in the next
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 4 + i // 2), 0
+
+    with pytest.raises(ValueError, match=r"Ragged's items encode to different shapes \(\(1, 4\)"):
+        encode_all(Ragged(), Scale(), batch_size=2)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_killed_and_resumed_run_draws_the_same_views(tmp_path, num_workers):
     data = training_set(Strips(), Scale())

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from scm_mm.modality import LOCATION_FIELDS, check_state
+from scm_mm.modality import LOCATION_FIELDS, as_dtype, check_state
 
 SD_VAE_FT_MSE_MEAN = (1.56, -0.695, 0.483, 0.729)  # raw latent units (before scaling_factor); sCM, latents at 512^2
 SD_VAE_FT_MSE_STD = (5.27, 5.91, 4.21, 4.31)
@@ -145,7 +145,10 @@ class SDVAECodec(_CheckCompatible):
     mean and std are in raw latent units (before diffusers' scaling_factor); the defaults are the
     paper's values for SD-VAE ft-mse. Images (B, 3, H, W) uint8 <-> x0 (B, latent_channels, H/f, W/f)
     float32 with f = 2 ** (len(block_out_channels) - 1) (8 for SD-VAE). Encode and decode run in
-    batches of `batch_size` on `device` in `dtype` and return on the input's device.
+    batches of `batch_size` on `device` in `dtype` and return on the input's device. `dtype` may be named
+    as a config writes it ("bfloat16", "float16"). float16 overflows in some VAEs (SDXL's, hence its
+    fp16-fix fine-tune), and the latent cache does not record the dtype: compare a few encodings with
+    float32 before caching a data set in another dtype.
     """
 
     cacheable = True  # a VAE pass is expensive: scm_mm.data encodes a dataset once and caches it
@@ -157,14 +160,14 @@ class SDVAECodec(_CheckCompatible):
         std: Sequence[float] = SD_VAE_FT_MSE_STD,    # per-channel latent std, raw units
         sigma_d: float = 0.5,                      # std of x0 after normalisation
         sample: bool = False,                      # encode a posterior sample instead of its mean
-        dtype: torch.dtype = torch.float32,        # VAE compute dtype (SD-VAE may overflow in fp16)
+        dtype: str | torch.dtype | None = torch.float32,  # VAE compute dtype or its name; None: fp32
         device: str | torch.device = "cpu",
         batch_size: int = 16,                      # images per VAE call
     ) -> None:
         self.path = str(path)
         self.vae = load_vae(path)
         self.weights_digest = _weights_digest(self.vae)  # before the dtype cast: independent of dtype
-        self.vae.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=as_dtype(dtype))  # None: float32, as loaded
         channels = self.vae.config.latent_channels
         if len(mean) != channels or len(std) != channels:
             raise ValueError(

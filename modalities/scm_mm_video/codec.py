@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from scm_mm.modality import check_state
+from scm_mm.modality import as_dtype, check_state
 
 KIND = "video-vae"
 
@@ -59,16 +59,6 @@ class VideoAutoencoder(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON settings that identify it (kind, configuration, weights digest); never its path."""
         ...
-
-
-def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """"bfloat16" (as a config writes it), "torch.float16" or a torch.dtype -> the torch.dtype; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must name a floating-point torch dtype (float32, bfloat16, float16), got {dtype!r}")
-    return value
 
 
 def load_autoencoder(

@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 import torch
+from helpers import config
+from hydra.utils import instantiate
 
 from scm_mm.modality import Codec, codec_to
 from scm_mm.train.build import build_model, load_teacher
@@ -160,6 +162,23 @@ def test_codecs_move_their_network_and_pixels_have_none(vae_dir):
     assert {(p.device.type, p.dtype) for p in codec.vae.parameters()} == {("meta", torch.float64)}
     pixels = PixelCodec()
     assert codec_to(pixels, "meta") is pixels
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("float16", torch.float16), ("torch.bfloat16", torch.bfloat16), (None, torch.float32)]
+)
+def test_sd_vae_dtype_by_name_as_a_config_gives_it(vae_dir, name, dtype):
+    codec = SDVAECodec(vae_dir, dtype=name)
+    assert {p.dtype for p in codec.vae.parameters()} == {dtype}
+    assert codec.encode(_images(1)).dtype == torch.float32  # x0 in fp32 whatever the VAE computes in
+
+
+def test_image_latent_config_sets_the_vae_dtype(vae_dir):
+    cfg = config("train", ["modality=image_latent", f"modality.codec.path={vae_dir}", "modality.codec.dtype=bfloat16"])
+    codec = instantiate(cfg.modality.codec)
+    assert {p.dtype for p in codec.vae.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        SDVAECodec(vae_dir, dtype="int64")
 
 
 def test_sd_vae_missing_path_and_pipeline_folder(tmp_path, vae_dir):
