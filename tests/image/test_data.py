@@ -248,7 +248,11 @@ def test_cifar10_folder_and_tar(tmp_path):
             tar.addfile(info, io.BytesIO(blob))
     from_tar = CIFAR10(archive)
     assert torch.equal(from_tar.images, train.images) and torch.equal(from_tar.labels, train.labels)
-    assert from_tar.fingerprint == train.fingerprint == "cifar10:train:n=15:res=32"
+    assert from_tar.fingerprint == train.fingerprint  # the same images, however packed
+    assert train.fingerprint.startswith("cifar10:train:n=15:res=32:")
+    batches["data_batch_2"][b"data"][1, 0] ^= 1  # one pixel edited: another fingerprint
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batches["data_batch_2"], protocol=2))
+    assert CIFAR10(tmp_path).fingerprint != train.fingerprint
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         CIFAR10(tmp_path / "empty")
 
