@@ -190,6 +190,47 @@ def test_resuming_from_an_older_checkpoint_keeps_what_it_writes(tmp_path):
     assert len(again.losses) == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000006"]
 
 
+def test_resume_auto_falls_back_past_a_checkpoint_cut_short(tmp_path):
+    """A crash cut the newest checkpoint's weights short: resume="auto" warns, naming it and why, resumes from
+    the one before and repeats the uninterrupted run's losses; the broken one is set aside, not deleted."""
+    data = dataset()
+
+    def run(run_dir, **kw):
+        return train(make_model(dropout=0.2), DiffusionLoss(label_dropout=0.2), data, options(), run_dir,
+                     meta={"net": NET}, **kw)  # fmt: skip
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "killed", stop_at=5)  # checkpoints at 2 and 4
+    weights = tmp_path / "killed" / "checkpoints" / "iter-000000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cut = weights.stat().st_size
+    with pytest.warns(UserWarning, match=r"skipping checkpoint \S*iter-000000004: model.safetensors is cut short"):
+        resumed = run(tmp_path / "killed")
+    assert resumed.losses == full.losses[2:]  # from iteration 2, step for step
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["iter-000000004", "iter-000000006"]
+    final = load_weights(tmp_path / "full")
+    for key, value in load_weights(tmp_path / "killed").items():
+        torch.testing.assert_close(value, final[key], rtol=0, atol=0)
+    (aside,) = (tmp_path / "killed" / "checkpoints").glob("superseded-*/iter-000000004")
+    assert (aside / "model.safetensors").stat().st_size == cut  # the broken one, kept for inspection
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_read(tmp_path):
+    """Every checkpoint unreadable: a clear error that lists each and why, before any step; and a checkpoint
+    named explicitly is not replaced by another one."""
+    train(make_model(), DiffusionLoss(), dataset(), options(iters=4), tmp_path, meta={"net": NET})
+    (tmp_path / "checkpoints" / "iter-000000004" / "state.pt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "iter-000000002" / "meta.json").write_text('{"net": ')
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=(
+        r"no checkpoint of \S+ can be read(.|\n)*iter-000000004: state.pt is empty\n"
+        r"  iter-000000002: meta.json is cut short or corrupt"
+    )):  # fmt: skip
+        train(make_model(), DiffusionLoss(), dataset(), options(iters=6), tmp_path, meta={"net": NET})
+    named = tmp_path / "checkpoints" / "iter-000000004"
+    with pytest.raises(ValueError, match=r"cannot resume from \S*iter-000000004: state.pt is empty"):
+        train(make_model(), DiffusionLoss(), dataset(), options(iters=6, resume=str(named)), tmp_path / "other")
+
+
 def test_a_resume_may_change_the_accumulation_but_not_the_batch(tmp_path):
     """accum_steps 2 -> 1 on resume continues the same data (the position is counted in samples); a change
     of batch_size or seed is refused with the difference named, and so is a position inside a new micro-batch."""

@@ -159,7 +159,7 @@ def _save_checkpoint(
     with writing_directory(final) as tmp:
         save_vocoder(vocoder, tmp / "vocoder")
         torch.save({**state, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
-    prune_checkpoints(run_dir, keep_last)
+    prune_checkpoints(run_dir, keep_last, newest=it)
     return final
 
 
@@ -194,7 +194,8 @@ def train_vocoder(
     )
 
     it, skipped = 0, 0
-    source = resume_source(options.resume, run_dir, marker="state.pt")
+    source = resume_source(options.resume, run_dir, marker="state.pt",
+                           required=("vocoder/config.json", "vocoder/model.safetensors"))  # fmt: skip
     if source is not None:
         state = _load_checkpoint(source, vocoder, optimizer)
         it, skipped = state["iteration"], state["skipped"]

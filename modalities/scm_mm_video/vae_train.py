@@ -98,7 +98,7 @@ def _save_checkpoint(run_dir: Path, it: int, vae: VideoVAE, optimizer: torch.opt
     with writing_directory(final) as tmp:
         save_video_vae(vae, tmp / "vae")
         torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
-    prune_checkpoints(run_dir, keep_last)
+    prune_checkpoints(run_dir, keep_last, newest=it)
     return final
 
 
@@ -123,7 +123,8 @@ def train_video_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=options.lr, betas=options.betas,
                                   weight_decay=options.weight_decay)  # fmt: skip
     it = 0
-    source = resume_source(options.resume, run_dir, marker="state.pt")
+    source = resume_source(options.resume, run_dir, marker="state.pt",
+                           required=("vae/config.json", "vae/model.safetensors"))  # fmt: skip
     if source is not None:
         saved = load_video_vae(source / "vae")
         if saved.config != vae.config:

@@ -6,9 +6,12 @@ A checkpoint is a directory `<run>/checkpoints/iter-<N>/` holding
     state.pt             optimizer, grad scaler, iteration, samples seen, data position, RNG states
     rng-rank<R>.pt       each rank's random state (per-rank seeds), so a resumed run repeats itself
     meta.json            how to rebuild the model (a JSON spec), the codec settings, the run config
-It is written into `iter-<N>.tmp-<pid>` and renamed into place only when complete, so a run killed
-while saving leaves the previous checkpoint intact. A run that restarts from an older iteration sets
-the run's later checkpoints aside into `checkpoints/superseded-<time>/` (`set_aside_later_checkpoints`).
+It is written into `iter-<N>.tmp-<pid>`, flushed to disk (fsync) and renamed into place only when complete,
+so a run killed while saving, or a machine that crashes, leaves the previous checkpoint intact; pruning deletes
+older checkpoints only once the new one is on disk. What a killed writer leaves (`*.tmp-<pid>`, `*.old-<pid>`)
+is cleaned up when the next run starts (`remove_orphans`), and `resume="auto"` takes the newest checkpoint
+that can be read (`checkpoint_problem`). A run that restarts from an older iteration sets the run's later
+checkpoints aside into `checkpoints/superseded-<time>/` (`set_aside_later_checkpoints`).
 Loading never unpickles arbitrary objects: safetensors for weights, `torch.load(weights_only=True)` for
 the state, json for the rest.
 """
@@ -22,7 +25,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,9 +36,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^iter-(\d+)$")
+_LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-\d+$")  # what `writing_directory` names its folders
+
+# The files the training loop's resume reads (rng-rank<R>.pt for every saved rank: the state says how many).
+TRAIN_FILES = ("meta.json", "model.safetensors", "ema.safetensors", "state.pt", "rng-rank0.pt")
 
 # Modules a checkpoint's spec may name. A spec is data from a file: restricting its targets to these
 # packages keeps "load a checkpoint" from meaning "call any function" (cf. the unpickling rule).
@@ -45,7 +55,8 @@ def checkpoint_name(iteration: int) -> str:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (unfinished `.tmp-*` directories are ignored)."""
+    """The checkpoints of a run, oldest first: its `iter-<N>` folders, complete unless a crash cut a file short
+    (`checkpoint_problem` says); the `.tmp-*` and `.old-*` folders of a writer are not checkpoints."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
@@ -68,31 +79,130 @@ def resolve_checkpoint(path: str | Path, marker: str = "meta.json") -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: expected a run directory with {CHECKPOINT_DIR}/iter-*/ or a checkpoint "
-            f"directory holding {marker}"
-        )
+        raise _no_checkpoint(path, marker)
     return latest
 
 
-def resume_source(resume: str, run_dir: str | Path, marker: str = "meta.json") -> Path | None:
+def _no_checkpoint(path: Path, marker: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no checkpoint at {path}: expected a run directory with {CHECKPOINT_DIR}/iter-*/ or a checkpoint "
+        f"directory holding {marker}"
+    )
+
+
+def checkpoint_problem(checkpoint: Path, required: Sequence[str]) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a missing, empty or cut-short file, bad JSON), or None.
+
+    Cheap, without reading the weights: every `required` file (relative paths) exists; every safetensors
+    file's header parses and covers the file exactly (a cut-short one does not); every torch.save file (.pt)
+    has its zip directory and an intact pickle (checksum); every JSON file parses. Tensor bytes zeroed in
+    place go unnoticed (safetensors keeps no checksum); the loaders then load the checkpoint once.
+    """
+    for name in required:
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        name = path.relative_to(checkpoint).as_posix()
+        if path.suffix in (".safetensors", ".pt", ".json") and path.stat().st_size == 0:
+            return f"{name} is empty"
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix == ".pt":  # torch.save's zip: its directory is at the end, so a cut-short one has none
+                with zipfile.ZipFile(path) as archive:
+                    for member in archive.infolist():  # the pickle's checksum too, but not the tensors' bytes
+                        if "/data/" not in member.filename:
+                            archive.read(member)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as e:  # whichever parser refuses it, and however, the file cannot be loaded
+            return f"{name} is cut short or corrupt ({type(e).__name__}: {e})"
+    return None
+
+
+def remove_orphans(run_dir: str | Path) -> str | None:
+    """Clean up after writers killed mid-save in a run folder and its checkpoints; returns a one-line report.
+
+    Of the folders `writing_directory` names, `<name>.tmp-<pid>` (unfinished) is deleted, and so is
+    `<name>.old-<pid>` (the version a finished write replaced), unless `<name>` itself is gone (killed between
+    the two renames): then it is renamed back. Folders this process is writing are left alone, whatever their
+    pid (a restarted container may reuse the killed one's). Call on the main rank before it writes.
+    """
+    run, removed, restored = Path(run_dir), [], []
+    for folder in (run, run / CHECKPOINT_DIR):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            match = _LEFTOVER.match(path.name)
+            if match is None or not path.is_dir() or path.absolute() in _WRITING:
+                continue
+            name = path.relative_to(run).as_posix()
+            if match["kind"] == "old" and not (target := folder / match["name"]).exists():
+                os.replace(path, target)  # the complete previous version: put it back
+                restored.append(f"{name} -> {target.name}")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+    done = ([f"removed {', '.join(removed)}"] if removed else []) + (
+        [f"restored {', '.join(restored)}"] if restored else []
+    )
+    return f"cleaned up after killed writers in {run}: " + "; ".join(done) if done else None
+
+
+def resume_source(
+    resume: str,                   # "auto", "never", or a run or checkpoint path
+    run_dir: str | Path,           # the run that resumes
+    marker: str = "meta.json",     # the file that marks a checkpoint folder (state.pt for the codec trainers)
+    required: Sequence[str] = (),  # further files a checkpoint must hold to be resumed from
+) -> Path | None:
     """The checkpoint a run restarts from: "auto" = the latest of run_dir (None in a new run), "never" =
-    None, anything else = a run or checkpoint path (see `resolve_checkpoint`)."""
+    None, anything else = a run or checkpoint path (see `resolve_checkpoint`).
+
+    The latest of a run is the newest one that can be read (`checkpoint_problem`): a newer one that cannot,
+    left by a crash, is skipped with a warning naming it and why; if none can be read, a ValueError lists
+    them. A checkpoint folder named explicitly must be readable. First the run folder is cleaned up after
+    killed writers (`remove_orphans`), so call this once, at the start of a run, on the main rank.
+    """
+    if report := remove_orphans(run_dir):
+        tqdm.write(report)
     if resume == "never":
         return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    return resolve_checkpoint(resume, marker)
+    files = (marker, *required)
+    run = Path(run_dir)
+    if resume != "auto":
+        run = Path(resume).parent if Path(resume).is_file() else Path(resume)
+        if (run / marker).is_file():  # one checkpoint, named: that one, or an error
+            if problem := checkpoint_problem(run, files):
+                raise ValueError(f"cannot resume from {run}: {problem}")
+            return run
+    found = list_checkpoints(run)
+    if not found:
+        if resume == "auto":
+            return None  # a new run
+        raise _no_checkpoint(run, marker)
+    unreadable = []
+    for checkpoint in reversed(found):
+        problem = checkpoint_problem(checkpoint, files)
+        if problem is None:
+            return checkpoint
+        warnings.warn(f"skipping checkpoint {checkpoint}: {problem}; trying the one before", stacklevel=2)
+        unreadable.append(f"  {checkpoint.name}: {problem}")
+    raise ValueError(
+        f"no checkpoint of {run} can be read, so the run cannot resume:\n" + "\n".join(unreadable)
+        + f"\nRepair them, or move them out of {run / CHECKPOINT_DIR} to start the run over."
+    )  # fmt: skip
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int, newest: int | None = None) -> None:
-    """Delete all but the newest `keep_last` checkpoints of a run; 0 keeps all. With `newest` (the iteration
-    just written) only checkpoints up to it count and later ones are left alone, so the one just written
-    is never deleted, even beside checkpoints of a later iteration."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, newest: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints up to `newest`, the iteration just written; 0 keeps all.
+
+    Later checkpoints are left alone and do not count, so the one just written is never deleted, even beside
+    later ones (an abandoned timeline, or a checkpoint cut short by a crash): the run always keeps a readable
+    checkpoint, as `writing_directory` has put the new one on disk before anything older is deleted.
+    """
     if keep_last > 0:
-        found = list_checkpoints(run_dir)
-        if newest is not None:
-            found = [p for p in found if checkpoint_iteration(p) <= newest]
+        found = [p for p in list_checkpoints(run_dir) if checkpoint_iteration(p) <= newest]
         for old in found[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -125,25 +235,55 @@ def cpu_tensors(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str
     return {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    folder = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not folder:  # some filesystems refuse fsync on a folder: their renames are as durable as they get
+            raise
+
+
+_WRITING: set[Path] = set()  # the temporary folders this process is filling (never orphans)
+
+
 @contextmanager
 def writing_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename, so a
-    reader (or a run killed while writing) sees either the old complete folder or the new one."""
+    reader (or a run killed while writing) sees either the old complete folder or the new one.
+
+    Every file and folder in it is fsynced before the rename, and the parent folder after it, so that after a
+    crash the new folder is complete or absent (without the fsyncs a file renamed into place can come back
+    empty or cut short), and nothing older is deleted (by pruning) before the new folder is on disk.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    _WRITING.add(tmp.absolute())
     try:
         yield tmp
+        for folder, _, names in os.walk(tmp, topdown=False):
+            for name in names:
+                _fsync(Path(folder, name))
+            _fsync(Path(folder))
+        if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old one aside first
+            os.replace(final, old)
+        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old one aside first
-        os.replace(final, old)
-    os.replace(tmp, final)
+    finally:
+        _WRITING.discard(tmp.absolute())
+    _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -175,7 +315,8 @@ def save_checkpoint(
     rank_states: Mapping[int, dict[str, Any]],    # rank -> that rank's random state
     keep_last: int = 3,                           # delete older checkpoints beyond this many; 0 keeps all
 ) -> Path:
-    """Write one checkpoint atomically and prune old ones. Call on one rank (gather rank states first)."""
+    """Write one checkpoint atomically and durably, then prune older ones. Call on one rank (gather rank states
+    first)."""
     final = Path(run_dir) / CHECKPOINT_DIR / checkpoint_name(iteration)
     with writing_directory(final) as tmp:  # the same iteration saved twice replaces the first (a final save)
         save_file(cpu_tensors(model), str(tmp / "model.safetensors"), metadata={"iteration": str(iteration)})

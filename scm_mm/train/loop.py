@@ -44,7 +44,14 @@ from ..jvp import unwrap
 from ..losses import DiffusionLoss, SCMLoss
 from ..nn.embeddings import ConditionEmbedding
 from ..precond import TrigFlowModel
-from .checkpoint import load_state, load_weights, resume_source, save_checkpoint, set_aside_later_checkpoints
+from .checkpoint import (
+    TRAIN_FILES,
+    load_state,
+    load_weights,
+    resume_source,
+    save_checkpoint,
+    set_aside_later_checkpoints,
+)
 from .distributed import DistInfo, Strategy, per_rank_batch, wrap_model
 from .ema import EMA, PowerEMA
 from .step import apply_gradients
@@ -301,6 +308,22 @@ def _draw(
     return objective.draw(batch, shape, **kw)
 
 
+def _from_main(compute: Callable[[], Any], info: DistInfo) -> Any:
+    """compute() on the main rank, its result (or the exception it raised) on every rank."""
+    if not info.enabled:
+        return compute()
+    box: list[Any] = [None]
+    if info.is_main:
+        try:
+            box[0] = compute()
+        except Exception as e:  # raised on every rank, so that none waits for a broadcast that never comes
+            box[0] = e
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
 def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
@@ -366,8 +389,10 @@ def train(
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     # Resume: weights, optimiser, averages, scaler, data position and each rank's random state.
+    # The main rank cleans up after killed writers and picks the checkpoint (the newest readable one, for
+    # "auto"), so that every rank resumes from the same one.
     it, epoch, micro_in_epoch, skipped = 0, 0, 0, 0
-    source = resume_source(options.resume, run_dir)
+    source = _from_main(lambda: resume_source(options.resume, run_dir, required=TRAIN_FILES), info)
     if source is not None:
         state = load_state(source)
         micro_in_epoch = resume_position(state, options, dataset, micro, info, source)  # checks the options first
