@@ -230,6 +230,30 @@ def test_forced_backends(calls):
         pass
 
 
+def test_float_mask_is_refused_by_every_backend():
+    """SDPA reads a float mask as additive, the JVP ops and the kernel cannot: F (SDPA) and F- (a JVP
+    op) would see different masks, so `attention` takes bool masks only."""
+    q, k, v = _qkv()
+    additive = torch.zeros(11, dtype=F64).masked_fill(torch.arange(11) >= 9, -torch.inf)
+    for name in ("auto", "sdpa", "jvp", "math", "triton"):
+        with attention_backend(name), pytest.raises(TypeError, match="mask must be bool"):
+            attention(q, k, v, additive)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        _jvp(attention, q, k, v, "q", additive)
+
+
+def test_broadcast_kv_heads_match_naive():
+    """k, v with one head (and one batch) for all of q's: every backend broadcasts them alike."""
+    q, _, _ = _qkv()
+    _, k, v = _qkv(b=1, h=1, seed=1)
+    ref, t_ref = _jvp(naive_attention, q, k, v, "qkv", None)
+    for name in ("auto", "jvp", "sdpa"):
+        with attention_backend(name):
+            torch.testing.assert_close(attention(q, k, v), ref, rtol=0, atol=1e-12)
+    out, t_out = _jvp(attention, q, k, v, "qkv", None)
+    torch.testing.assert_close((out, t_out), (ref, t_ref), rtol=0, atol=1e-12)
+
+
 def test_forced_xformers_without_xformers_is_a_clear_error():
     if importlib.util.find_spec("xformers") is not None:
         pytest.skip("xformers is installed")

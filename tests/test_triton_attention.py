@@ -177,6 +177,50 @@ def test_backward_of_the_primal_matches_naive(mask_kind, causal):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=EXACT_ATOL)
 
 
+@pytest.mark.parametrize("kv_batch,kv_heads", [(1, 1), (2, 1), (1, 3)])
+def test_broadcast_kv_batch_and_heads(kv_batch, kv_heads):
+    """k, v (and their tangents) with one batch or one head for all of q's: read through stride-0
+    views, not past the end of k and v. Gradients of the primal sum back to k's and v's shapes."""
+    q, _, _, tq, _, _ = _inputs(2, 3, 9, 11, 16, EXACT)
+    k, v, _, tk, tv, _ = _inputs(kv_batch, kv_heads, 11, 11, 16, EXACT, seed=1)
+    ref, t_ref = _reference(q, k, v, tq, tk, tv, None, False)
+    out, t_out, _ = triton_attention.attention_jvp_fused(q, k, v, tq, tk, tv)
+    torch.testing.assert_close((out, t_out), (ref, t_ref), rtol=0, atol=EXACT_ATOL, check_dtype=False)
+    with attention_backend("triton"), torch.no_grad():
+        out, t_out = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+    torch.testing.assert_close((out, t_out), (ref, t_ref), rtol=0, atol=EXACT_ATOL, check_dtype=False)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    grads = torch.autograd.grad(triton_attention.triton_attention(*leaves), leaves, t_ref.to(EXACT))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    refs = torch.autograd.grad(naive_attention(*leaves), leaves, t_ref.to(EXACT))
+    torch.testing.assert_close(grads, refs, rtol=0, atol=EXACT_ATOL)
+
+
+def test_mismatched_inputs_are_refused():
+    """What the kernel cannot index or read as a key mask is refused with a reason (a ValueError from
+    a direct call), not read out of bounds; "auto" then takes the blockwise op."""
+    q, k, v, tq, tk, tv = _inputs(2, 2, 8, 8, 16, EXACT)
+    cases = {
+        "have q's batch and heads": (q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), None),  # 4 heads for 2
+        "share their length": (q, k, v[:, :, :5], None),
+        "one head dim": (q, k, v[..., :8], None),
+        "mask must be bool": (q, k, v, torch.zeros(2, 1, 1, 8, dtype=EXACT, device=DEVICE)),
+        "key padding mask": (q, k, v, torch.ones(2, 1, 1, 5, dtype=torch.bool, device=DEVICE)),  # Nk = 8
+    }
+    for reason, (q_, k_, v_, mask) in cases.items():
+        assert reason in triton_attention.triton_unsupported(q_, k_, v_, mask, tangent=False), reason
+        with pytest.raises(ValueError, match=reason):
+            triton_attention.triton_attention(q_, k_, v_, mask)
+    with pytest.raises(ValueError, match="have q's batch and heads"):
+        triton_attention.attention_jvp_fused(q, k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1))
+    with pytest.raises(ValueError, match="key_mask must be bool"):
+        triton_attention.attention_jvp_fused(q, k, v, key_mask=torch.ones(2, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="key_mask must be"):
+        triton_attention.attention_jvp_fused(q, k, v, key_mask=torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="its primal's shape"):
+        triton_attention.attention_jvp_fused(q, k, v, tq, tk[:, :, :5], tv)
+
+
 def test_refusals_are_clear():
     q, k, v, tq, _, _ = _inputs(1, 2, 8, 8, 16, EXACT)
     per_query = torch.rand(8, 8, device=DEVICE) > 0.5

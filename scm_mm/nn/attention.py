@@ -277,7 +277,8 @@ def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) ->
         dtype = torch.get_autocast_dtype(q.device.type)
     else:
         dtype = functools.reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype))
-    # xformers uses (B, N, H, D).
+    # xformers uses (B, N, H, D) and wants broadcast heads (one K/V head) expanded.
+    k, v = (x.expand(*q.shape[:2], *x.shape[2:]) for x in (k, v))
     q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     return xops.memory_efficient_attention(q, k, v, scale=scale).transpose(1, 2)
 
@@ -301,11 +302,15 @@ def attention(
     """Attention that `torch.func.jvp` can go through: the one entry point for all backbones.
 
     q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) -> (B, H, Nq, Dv); mask: bool,
-    broadcastable to (B, H, Nq, Nk), True = attend; scale defaults to D**-0.5; q, k, v share B, H.
+    broadcastable to (B, H, Nq, Nk), True = attend (an additive float mask is refused, TypeError);
+    scale defaults to D**-0.5; k, v have q's B and H, or 1 there (broadcast).
     Backend "auto" (see `attention_backend`): when a tangent is live, the fused Triton kernel on
     CUDA where it fits (`triton_unsupported`) and `JVPAttention` otherwise; else xformers on CUDA
     when installed and there is no mask; else `F.scaled_dot_product_attention`.
     """
+    if mask is not None and mask.dtype != torch.bool:
+        # SDPA would read a float mask as additive, the JVP ops cannot: F and F- must see one mask.
+        raise TypeError(f"attention's mask must be bool (True = attend), got {mask.dtype}")
     backend, live = _backend.get(), tangent_is_live(q, k, v)
     if backend == "auto" and live and _triton_fits(q, k, v, mask):
         return _fused_or_blockwise(q, k, v, mask, scale)

@@ -156,33 +156,51 @@ def triton_unsupported(
     """Why `triton_attention` cannot take these inputs, or None if it can."""
     if not (q.is_cuda or interpreting()):
         return "its inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run it on the CPU)"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be (B, H, N, D)"
-    if q.dtype not in DTYPES or not q.dtype == k.dtype == v.dtype:
-        return f"q, k, v must share one dtype of {DTYPES}"
+    problem = _layout_problem(q, k, v)
+    if problem is not None:
+        return problem
     if q.dtype == torch.float64 and q.is_cuda and not interpreting():
         # Triton 3.6 fails to compile its fp64 matmuls on sm90 with a key mask ("fp64 don't support
         # largeK MMA"), seen on an H200; fp64 is for exactness checks, which the interpreter runs.
         return "float64 runs in the interpreter only; on CUDA the blockwise op takes it"
-    if not q.shape[-1] == k.shape[-1] == v.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
-        return f"q, k, v must share one head dim of at most {MAX_HEAD_DIM}"
-    if max(q.numel(), k.numel()) >= 2**31:
-        return "the kernel's offsets are int32: split the batch"
-    if mask is not None and key_padding(mask, q.shape[0], k.shape[-2]) is None:
-        return "only a key padding mask, broadcastable to (B, 1, 1, Nk), is fused"
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.device != q.device:
+            # A float mask is SDPA's additive one: read as "nonzero = attend" it would hide every key.
+            return f"the mask must be bool (True = attend) on q's device, got {mask.dtype} on {mask.device}"
+        if key_padding(mask, q.shape[0], k.shape[-2]) is None:
+            return "only a key padding mask, broadcastable to (B, 1, 1, Nk), is fused"
     if tangent and torch.is_grad_enabled():
         # Inside torch.func.jvp, requires_grad of the outer tensors is not visible: grad mode is.
         return "its tangent output is not differentiable; take the JVP under torch.no_grad()"
     return None
 
 
+def _layout_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the kernel cannot index q, k, v, or None. It reads K and V at q's (batch, head), so k and v
+    must have q's batch and heads, or 1 there (broadcast: read through a stride-0 view)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be (B, H, N, D)"
+    if not q.device == k.device == v.device:
+        return "q, k, v must be on one device"
+    if q.dtype not in DTYPES or not q.dtype == k.dtype == v.dtype:
+        return f"q, k, v must share one dtype of {DTYPES}"
+    if not q.shape[-1] == k.shape[-1] == v.shape[-1] or q.shape[-1] > MAX_HEAD_DIM:
+        return f"q, k, v must share one head dim of at most {MAX_HEAD_DIM}"
+    if k.shape[-2] != v.shape[-2] or any(x.shape[i] not in (1, q.shape[i]) for x in (k, v) for i in (0, 1)):
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+        return f"k and v must share their length and have q's batch and heads (or 1), got {shapes}"
+    if max(q.numel(), k.numel(), v.numel()) >= 2**31:
+        return "the kernel's offsets are int32: split the batch"
+    return None
+
+
 def key_padding(mask: Tensor, batch: int, n_k: int) -> Tensor | None:
     """A bool mask broadcastable to (B, H, Nq, Nk) as a (B, Nk) key mask, or None if it varies
-    over heads or queries."""
+    over heads or queries (or does not broadcast to B and Nk)."""
     if mask.dim() > 4:
         return None
     mask4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if mask4.shape[1] != 1 or mask4.shape[2] != 1:
+    if mask4.shape[1] != 1 or mask4.shape[2] != 1 or mask4.shape[0] not in (1, batch) or mask4.shape[3] not in (1, n_k):
         return None
     return mask4.expand(batch, 1, 1, n_k)[:, 0, 0]
 
@@ -221,14 +239,28 @@ def attention_jvp_fused(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One launch of the kernel, no autograd: (O, tO or None, lse).
 
-    q: (B, H, Nq, D), k, v: (B, H, Nk, D); tangents of the same shapes (a missing one is zero; with
-    none, tO is None and the kernel is plain flash attention); key_mask: bool (B, Nk), True = attend.
-    Block sizes, warps and stages default to `_block_sizes`. O and tO (B, H, Nq, D) in the input
-    dtype, lse (B, H, Nq) = logsumexp of the scaled scores in the accumulator dtype (+inf on rows
-    with no visible key).
+    q: (B, H, Nq, D), k, v: (B, H, Nk, D), where k and v may have 1 for B or H (broadcast); tangents
+    of their primals' shapes (a missing one is zero; with none, tO is None and the kernel is plain flash
+    attention); key_mask: bool (B, Nk) or (1, Nk), True = attend. Block sizes, warps and stages default
+    to `_block_sizes`. O and tO (B, H, Nq, D) in the input dtype, lse (B, H, Nq) = logsumexp of the
+    scaled scores in the accumulator dtype (+inf on rows with no visible key). Inputs the kernel cannot
+    index raise a ValueError (it would read out of bounds).
     """
+    problem = _layout_problem(q, k, v)
+    if problem is None and any(t is not None and t.shape != x.shape for x, t in zip((q, k, v), (tq, tk, tv))):
+        problem = "each tangent must have its primal's shape"
+    if problem is None and key_mask is not None:
+        if key_mask.dtype != torch.bool or key_mask.device != q.device:
+            problem = f"key_mask must be bool on q's device, got {key_mask.dtype} on {key_mask.device}"
+        elif key_mask.dim() != 2 or key_mask.shape[0] not in (1, q.shape[0]) or key_mask.shape[1] != k.shape[-2]:
+            problem = f"key_mask must be (B, Nk) or (1, Nk), got {tuple(key_mask.shape)}"
+    if problem is not None:
+        raise ValueError(f"triton attention cannot run here: {problem}")
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[-2]
+    # Broadcast k, v heads or batch: stride-0 views, which the kernel reads through its strides.
+    k, v = (x.expand(batch, heads, n_k, head_dim) for x in (k, v))
+    tk, tv = (None if t is None else t.expand(k.shape) for t in (tk, tv))
     scale = head_dim**-0.5 if scale is None else scale
     has_tangent = any(t is not None for t in (tq, tk, tv))
     zero = q.new_zeros(()).expand(q.shape)  # a missing tangent: one element, stride 0
@@ -239,7 +271,10 @@ def attention_jvp_fused(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     t_out = torch.empty_like(out) if has_tangent else out  # `out` stands in: never written
     lse = torch.empty((batch, heads, n_q), dtype=acc_dtype, device=q.device)
-    mask_arg = q.new_ones((1, 1), dtype=torch.uint8) if key_mask is None else key_mask.to(torch.uint8)
+    if key_mask is None:
+        mask_arg = q.new_ones((1, 1), dtype=torch.uint8)
+    else:
+        mask_arg = key_mask.expand(batch, n_k).to(torch.uint8)
 
     default_m, default_n, default_warps, default_stages = _block_sizes(head_dim, q.dtype, q.device)
     block_m, block_n = block_m or default_m, block_n or default_n
@@ -339,8 +374,8 @@ def triton_attention(
 ) -> Tensor:
     """softmax(scale q k^T) v, with its forward-mode tangent from the same kernel launch.
 
-    q: (B, H, Nq, D), k, v: (B, H, Nk, D) -> (B, H, Nq, D); mask: bool broadcastable to
-    (B, 1, 1, Nk), True = attend. If q, k or v carries a tangent (`torch.func.jvp`, `forward_ad`),
+    q: (B, H, Nq, D), k, v: (B, H, Nk, D) (or 1 for B or H, broadcast) -> (B, H, Nq, D); mask: bool
+    broadcastable to (B, 1, 1, Nk), True = attend. If q, k or v carries a tangent (`torch.func.jvp`, `forward_ad`),
     the result carries tO. See `triton_unsupported` for what it takes.
     """
     (q, tq), (k, tk), (v, tv) = (forward_ad.unpack_dual(x) for x in (q, k, v))
@@ -350,5 +385,8 @@ def triton_attention(
         raise ValueError(f"triton attention cannot run here: {reason}")
     key_mask = None if mask is None else key_padding(mask, q.shape[0], k.shape[-2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # Broadcast k, v (one head or batch) expand here, so that autograd sums their gradients back.
+    k, v = (x.expand(*q.shape[:2], *x.shape[2:]) for x in (k, v))
+    tk, tv = (None if t is None else t.expand(k.shape) for t in (tk, tv))
     out, t_out, _ = TritonAttention.apply(q, k, v, tq, tk, tv, key_mask, causal, scale)
     return out if t_out is None else forward_ad.make_dual(out, t_out)
