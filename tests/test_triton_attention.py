@@ -267,20 +267,51 @@ def test_benchmark_script_runs(tmp_path):
 
 
 def test_auto_falls_back_once_when_the_kernel_fails(monkeypatch):
-    """A GPU or Triton version the kernel does not compile for: "auto" warns once, then stays blockwise."""
+    """A GPU or Triton version the kernel does not compile for: "auto" warns once, then stays blockwise
+    for that dtype and head dim; another head dim (other blocks, other shared memory) still tries it."""
     from scm_mm.nn import attention as dispatch
 
-    def broken(*args, **kwargs):
+    tried = []
+
+    def broken(q, *args, **kwargs):
+        tried.append(q.shape[-1])
         raise RuntimeError("no kernel image")
 
     monkeypatch.setattr(triton_attention, "triton_attention", broken)
-    monkeypatch.setattr(dispatch, "_triton_failure", [])
+    monkeypatch.setattr(dispatch, "_triton_failure", {})
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # "auto" takes it on CUDA only
-    q, k, v, tq, tk, tv = _inputs(1, 2, 8, 8, 16, F64)
-    ref = _reference(q, k, v, tq, tk, tv, None, False)
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no kernel image"):
-        out = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    with torch.no_grad():
-        torch.func.jvp(attention, (q, k, v), (tq, tk, tv))  # straight to the blockwise op: no second try
-    assert len(dispatch._triton_failure) == 1
+    for head_dim in (16, 32):
+        q, k, v, tq, tk, tv = _inputs(1, 2, 8, 8, head_dim, F64)
+        ref = _reference(q, k, v, tq, tk, tv, None, False)
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match=f"no kernel image.*head dim {head_dim} from now"):
+            out = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        with torch.no_grad():
+            torch.func.jvp(attention, (q, k, v), (tq, tk, tv))  # straight to the blockwise op: no second try
+    assert tried == [16, 32] and len(dispatch._triton_failure) == 2
+
+
+def test_launch_grid_puts_batch_times_heads_on_axis_x(monkeypatch):
+    """CUDA's grid axis y holds at most 65535 programs, axis x 2^31 - 1. B H (B H' W' H in a factorized
+    video DiT's temporal attention) goes on x; a query length whose blocks overflow y is refused up
+    front, so "auto" takes the blockwise op for it instead of failing to launch."""
+    grids = []
+
+    class Launcher:  # stands in for `_attention_jvp_kernel`: records the grid, launches nothing
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(triton_attention, "_attention_jvp_kernel", Launcher())
+    q = torch.zeros((), dtype=torch.float16, device=DEVICE).expand(35_000, 2, 1, 16)  # a view: no memory
+    assert triton_attention.triton_unsupported(q, q, q) is None
+    triton_attention.attention_jvp_fused(q, q, q)
+    assert grids == [(70_000, 1)]
+    block_m = triton_attention._block_sizes(16, torch.float16, q.device)[0]
+    fits = torch.zeros((), dtype=torch.float16, device=DEVICE).expand(1, 1, 65_535 * block_m, 16)
+    assert triton_attention.triton_unsupported(fits, fits, fits) is None
+    long = torch.zeros((), dtype=torch.float16, device=DEVICE).expand(1, 1, 65_535 * block_m + 1, 16)
+    assert "exceeds CUDA's" in triton_attention.triton_unsupported(long, long, long)
+    with pytest.raises(ValueError, match="exceeds CUDA's"):
+        triton_attention.attention_jvp_fused(long, long, long)
+    assert len(grids) == 1

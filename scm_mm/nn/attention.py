@@ -233,35 +233,45 @@ def _triton_attention() -> ModuleType | None:
     return triton_attention
 
 
-_triton_failure: list[str] = []  # why the kernel failed to compile or launch here, once it has
+_triton_failure: dict[tuple, str] = {}  # why the kernel failed to compile or launch, per `_kernel_config`
+
+
+def _kernel_config(q: Tensor, mask: Tensor | None) -> tuple:
+    """What a compile or launch failure of the kernel in "auto" depends on: the device, the dtype and
+    head dim (its block sizes, hence its shared memory) and whether it reads a key mask. Shapes that
+    would not launch (grid, int32 offsets) are refused up front (`triton_unsupported`)."""
+    return q.device, q.dtype, q.shape[-1], mask is not None
 
 
 def _triton_fits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     """Whether "auto" takes the fused Triton kernel for a call with a live tangent."""
     ops = _triton_attention()
-    if ops is None or not q.is_cuda or _triton_failure:
+    if ops is None or not q.is_cuda or _kernel_config(q, mask) in _triton_failure:
         return False
     primals = (forward_ad.unpack_dual(x).primal for x in (q, k, v))
     return ops.triton_unsupported(*primals, mask, tangent=True) is None
 
 
 def _fused_or_blockwise(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
-    """The Triton kernel for "auto". Its first failure to compile or launch (a GPU or Triton version it
-    was never built for) is reported once and leaves "auto" on `JVPAttention` for the process."""
+    """The Triton kernel for "auto". Its first failure to compile or launch for a `_kernel_config` (a GPU
+    or Triton version it was never built for, too little shared memory for its blocks) is reported once
+    and leaves that configuration on `JVPAttention` for the process; the others keep the kernel."""
     try:
         return _triton_attention().triton_attention(q, k, v, mask, scale)  # type: ignore[union-attr]
     except torch.OutOfMemoryError:
         raise
     except Exception as error:
-        _triton_failure.append(repr(error))
-        warnings.warn(f"the fused Triton JVP attention failed ({error!r}); using the blockwise JVP op from now on",
-                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        _triton_failure[_kernel_config(q, mask)] = repr(error)
+        config = f"{q.dtype}, head dim {q.shape[-1]}" + (", key mask" if mask is not None else "")
+        warnings.warn(f"the fused Triton JVP attention failed ({error!r}); using the blockwise JVP op for "
+                      f"{config} from now on", RuntimeWarning, stacklevel=3)  # fmt: skip
         return jvp_attention(q, k, v, mask, scale)
 
 
 def auto_backends(device: str | torch.device) -> tuple[str, str]:
     """The backends "auto" picks on `device` for an unmasked call: (without a tangent, with one); on CUDA
-    "triton" holds for the shapes the kernel takes (`triton_unsupported`), "jvp" for the others."""
+    "triton" holds for the shapes the kernel takes (`triton_unsupported`), "jvp" for the others (and
+    "jvp" is reported once the kernel has failed for any configuration)."""
     cuda = torch.device(device).type == "cuda"
     forward = "xformers" if cuda and _xformers_ops() is not None and not _xformers_failure else "sdpa"
     tangent = "triton" if cuda and _triton_attention() is not None and not _triton_failure else "jvp"

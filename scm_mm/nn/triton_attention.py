@@ -38,6 +38,7 @@ from torch.autograd import forward_ad
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
+MAX_GRID = (2**31 - 1, 65535)  # CUDA's gridDim.x and gridDim.y
 
 
 def interpreting() -> bool:
@@ -78,7 +79,7 @@ def _attention_jvp_kernel(
     PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs, so fp32 means fp32 (no TF32)
 ):
     # fmt: on
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # see `_grid`
     b, h = pid_bh // n_heads, pid_bh % n_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_PAD)
@@ -175,9 +176,10 @@ def triton_unsupported(
     return None
 
 
-def _layout_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why the kernel cannot index q, k, v, or None. It reads K and V at q's (batch, head), so k and v
-    must have q's batch and heads, or 1 there (broadcast: read through a stride-0 view)."""
+def _layout_problem(q: Tensor, k: Tensor, v: Tensor, block_m: int | None = None) -> str | None:
+    """Why the kernel cannot index q, k, v or launch over them with `block_m` query rows per program
+    (default: `_block_sizes`'), or None. It reads K and V at q's (batch, head), so k and v must have
+    q's batch and heads, or 1 there (broadcast: read through a stride-0 view)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k, v must be (B, H, N, D)"
     if not q.device == k.device == v.device:
@@ -191,7 +193,18 @@ def _layout_problem(q: Tensor, k: Tensor, v: Tensor) -> str | None:
         return f"k and v must share their length and have q's batch and heads (or 1), got {shapes}"
     if max(q.numel(), k.numel(), v.numel()) >= 2**31:
         return "the kernel's offsets are int32: split the batch"
+    # B H <= numel(q) < 2^31 fits grid axis x; the query blocks on axis y can exceed 65535.
+    block_m = block_m or _block_sizes(q.shape[-1], q.dtype, q.device)[0]
+    grid = _grid(q.shape[0] * q.shape[1], q.shape[2], block_m)
+    if any(n > limit for n, limit in zip(grid, MAX_GRID, strict=True)):
+        return f"its launch grid {grid} exceeds CUDA's {MAX_GRID}: Nq is too long for {block_m}-row blocks"
     return None
+
+
+def _grid(batch_heads: int, n_q: int, block_m: int) -> tuple[int, int]:
+    """The kernel's launch grid: (B H, query blocks). B H goes on axis x (up to 2^31 - 1), as in flash
+    attention: a factorized video DiT's temporal attention has B H' W' H of them, past axis y's 65535."""
+    return batch_heads, triton.cdiv(n_q, block_m)
 
 
 def key_padding(mask: Tensor, batch: int, n_k: int) -> Tensor | None:
@@ -246,7 +259,10 @@ def attention_jvp_fused(
     scaled scores in the accumulator dtype (+inf on rows with no visible key). Inputs the kernel cannot
     index raise a ValueError (it would read out of bounds).
     """
-    problem = _layout_problem(q, k, v)
+    default_m, default_n, default_warps, default_stages = _block_sizes(q.shape[-1], q.dtype, q.device)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
+    problem = _layout_problem(q, k, v, block_m)
     if problem is None and any(t is not None and t.shape != x.shape for x, t in zip((q, k, v), (tq, tk, tv))):
         problem = "each tangent must have its primal's shape"
     if problem is None and key_mask is not None:
@@ -276,13 +292,10 @@ def attention_jvp_fused(
     else:
         mask_arg = key_mask.expand(batch, n_k).to(torch.uint8)
 
-    default_m, default_n, default_warps, default_stages = _block_sizes(head_dim, q.dtype, q.device)
-    block_m, block_n = block_m or default_m, block_n or default_n
-    num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     dot_dtype = _TL_DTYPES[q.dtype]
     if q.dtype == torch.bfloat16 and interpreting():  # the interpreter's bf16 tl.dot is wrong
         dot_dtype = tl.float32
-    grid = (triton.cdiv(n_q, block_m), batch * heads)
+    grid = _grid(batch * heads, n_q, block_m)
     _attention_jvp_kernel[grid](
         q, k, v, tq, tk, tv, mask_arg, out, t_out, lse,
         *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
