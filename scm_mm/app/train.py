@@ -17,7 +17,7 @@ from typing import Any, cast
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from scm_mm.data import training_set
 from scm_mm.modality import codec_to, get_modality
@@ -49,8 +49,32 @@ def train_options(cfg: DictConfig) -> TrainOptions:
     return TrainOptions(**options)
 
 
+def missing_values(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """The keys left at ??? under a config node (interpolations are not resolved)."""
+    keys: list[Any] = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    found = []
+    for key in keys:
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key) and OmegaConf.is_config(child := node[key]):
+            found += missing_values(child, f"{prefix}{key}.")
+    return found
+
+
+def require_values(cfg: DictConfig) -> None:
+    """Refuse a config with values left at ??? (a teacher, a data folder, a VAE), before any data is read.
+    (`cfg.get` reads ??? as None, so a forgotten `method.init_from` would otherwise mean "from scratch".)
+    A method with its own trainer (a vocoder, a video autoencoder) reads only `data` and `method`."""
+    used = ("data", "method") if cfg.method.get("trainer") else tuple(str(k) for k in cfg if k != "hydra")
+    missing = [key for key in missing_values(cfg) if key.split(".")[0] in used]
+    if missing:
+        hint = "; method.init_from=null trains sCT from scratch" if "method.init_from" in missing else ""
+        raise ValueError(f"this run needs a value for {', '.join(missing)} (scm-mm-train ... {missing[0]}=...{hint})")
+
+
 def run(cfg: DictConfig) -> Any:
     """Train what `cfg` describes; returns the loop's TrainResult (or a modality trainer's result)."""
+    require_values(cfg)
     info = init_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
     modality = get_modality(cfg.modality.name)

@@ -157,6 +157,18 @@ def test_config_typos_get_hydras_error():
         config("train", ["experiment=mnist_teachr"])
 
 
+def test_required_values_are_asked_for_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "instantiate", lambda *a, **k: pytest.fail("the run started"))
+    asked = {"mnist_sct": "method.init_from", "mnist_scd": "method.teacher",
+             "imagenet512_scd_s": "modality.codec.path, data.dataset.root, method.teacher",
+             "ucf101_teacher": "modality.codec.vae, data.dataset.root", "ucf101_vae": "data.dataset.root"}  # fmt: skip
+    for experiment, keys in asked.items():
+        with pytest.raises(ValueError, match=f"needs a value for {keys} "):
+            train.run(config("train", [f"experiment={experiment}", f"run_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match="method.init_from=null trains sCT from scratch"):
+        train.run(config("train", ["experiment=mnist_sct", f"run_dir={tmp_path}"]))
+
+
 def test_apps_find_their_configs_from_any_directory(tmp_path):
     app = [sys.executable, "-m", "scm_mm.app.train", "--cfg", "job", "--resolve"]
     cmd = [*app, "experiment=mnist_scd", "method.teacher=x"]
