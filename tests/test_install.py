@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "scm_mm", "modalities", "configs")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "scm_mm", "modalities", "configs")
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -41,6 +41,7 @@ def test_wheel_ships_every_config_and_runs_from_any_directory(tmp_path):
     configs = {"scm_mm_configs/" + p.relative_to(ROOT / "configs").as_posix()
                for p in (ROOT / "configs").rglob("*.yaml")}  # fmt: skip
     assert configs <= shipped, sorted(configs - shipped)
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in shipped), "the licence is not in the wheel"
 
     site, cwd = tmp_path / "site", tmp_path / "empty"
     run(*pip, "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel), cwd=tmp_path)
