@@ -90,6 +90,18 @@ def test_fused_kernel_matches_float64_reference(dtype, nq, nk, d, mask_kind, cau
     torch.testing.assert_close(lse.to(F64), s.logsumexp(-1)[: len(lse)], rtol=0, atol=ATOL[dtype] / 100 + 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_shared_key_tangent_cancels_before_rounding(dtype):
+    """tk = noise + 100 u with u shared by all keys: q u is constant along each row of tS and cancels
+    against -mu O. Rounding P tS to bf16 before its matmul made the error 2^-9 |mu O| (0.3 of |tO| ~ 1,
+    review finding 2); centring tS on its row mean first leaves half-precision rounding of what varies."""
+    q, k, v, tq, tk, tv = _inputs(1, 2, 32, 64, 16, dtype, seed=4)
+    tk = (tk.double() + 100 * torch.randn(1, 2, 1, 16, dtype=F64, device=DEVICE)).to(dtype)
+    _, t_out, _ = triton_attention.attention_jvp_fused(q, k, v, tq, tk, tv)
+    _, t_ref = _reference(q, k, v, tq, tk, tv, None, False)
+    torch.testing.assert_close(t_out.to(F64), t_ref, rtol=0, atol=ATOL[dtype] * t_ref.abs().max().item())
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v", "qk"])
 def test_missing_tangents_are_zero(which):
     q, k, v, tq, tk, tv = _inputs(1, 2, 19, 23, 32, EXACT)

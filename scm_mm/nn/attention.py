@@ -47,18 +47,19 @@ def naive_attention(
 class JVPAttention(torch.autograd.Function):
     """Blockwise attention with a forward-mode rule (App. F) and the flash-attention backward.
 
-    `apply(q, k, v, mask, scale, block_size, keep_probs)` returns (O, L, P): O (B, H, Nq, Dv) in the
-    input dtype, the row log-sum-exp L (B, H, Nq, 1) and, when `keep_probs` and the keys fit in one
-    block, the probabilities P (B, H, Nq, Nk) for `jvp` to reuse (else an empty tensor); L and P are
+    `apply(q, k, v, mask, scale, block_size, keep)` returns (O, L, P, O_acc): O (B, H, Nq, Dv) in the
+    input dtype, the row log-sum-exp L (B, H, Nq, 1) and, when `keep` (no autograd graph will hold
+    them), the probabilities P (B, H, Nq, Nk) if the keys fit in one block and O in the accumulator
+    dtype if that is not the input's, for `jvp` to reuse (else empty tensors); L, P and O_acc are
     non-differentiable. Keys and values are visited `block_size` at a time with an online softmax, so
     the extra memory is (B, H, Nq, block_size) rather than (B, H, Nq, Nk). Accumulators are fp32 for
-    fp16/bf16 inputs. q, k, v share B and H. Use `jvp_attention` for the output alone.
+    fp16/bf16 inputs. k, v may have 1 for q's B or H (broadcast). Use `jvp_attention` for the output alone.
     """
 
     @staticmethod
     def forward(
-        q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, block_size: int, keep_probs: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, block_size: int, keep: bool
+    ) -> tuple[Tensor, ...]:
         acc = _acc_dtype(q)
         qs = q.to(acc) * scale  # scaling q (N, D) once is cheaper than each (N, block) of S
         if k.shape[-2] <= block_size:  # one block: a plain softmax, no running statistics
@@ -67,8 +68,8 @@ class JVPAttention(torch.autograd.Function):
             lse = torch.logsumexp(s, -1, keepdim=True)
             lse = lse.masked_fill(lse == float("-inf"), float("inf"))
             p = s.sub_(lse).exp_()
-            out = (p @ v.to(acc)).to(q.dtype)
-            return out, lse, p if keep_probs else p.new_empty(0)
+            out_acc = p @ v.to(acc)
+            return _outputs(q, out_acc, lse, p if keep else p.new_empty(0), keep)
         m = q.new_full((*q.shape[:-1], 1), float("-inf"), dtype=acc)  # running row max
         l = q.new_zeros(m.shape, dtype=acc)  # running sum of exp(S - m)
         o = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # running sum of exp(S - m) V
@@ -85,30 +86,37 @@ class JVPAttention(torch.autograd.Function):
         # l >= 1 on rows with a visible key (the max term is exp(0)); l = 0 rows get O = 0 and
         # L = +inf, so that exp(S - L) = 0 when P is recomputed in `jvp` and `backward`.
         seen = l > 0
-        out = (o / torch.where(seen, l, 1.0)).to(q.dtype)
+        out_acc = o / torch.where(seen, l, 1.0)
         lse = torch.where(seen, m + torch.log(l), float("inf"))
-        return out, lse, o.new_empty(0)
+        return _outputs(q, out_acc, lse, o.new_empty(0), keep)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, ...]) -> None:
         q, k, v, mask, scale, block_size, _ = inputs
-        out, lse, probs = output
-        ctx.mark_non_differentiable(lse, probs)
+        out, lse, probs, out_acc = output
+        ctx.mark_non_differentiable(lse, probs, out_acc)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.save_for_forward(q, k, v, out, lse, mask, probs)
+        ctx.save_for_forward(q, k, v, out, lse, mask, probs, out_acc)
         ctx.scale, ctx.block_size = scale, block_size
 
     @staticmethod
     def jvp(
         ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, *_: None
-    ) -> tuple[Tensor, None, None]:
+    ) -> tuple[Tensor, None, None, None]:
         # App. F: with P = softmax(S), tS = scale (tq k^T + q tk^T) and mu = rowsum(P * tS),
         #   tO = (P * tS) V - mu O + P tV.
         # The paper fuses this into the forward pass; an autograd.Function runs `jvp` after
         # `forward`, so P is the forward's when it kept it (one key block, no autograd graph)
         # and is otherwise recomputed per key block from the saved L, as in `backward`.
-        q, k, v, out, lse, mask, probs = ctx.saved_tensors
+        # A part of tS constant along a row cancels between the first two terms (softmax is shift
+        # invariant), so O must not be rounded to fp16/bf16 there: that would leave 2^-9 |mu O| of
+        # error instead of 2^-9 |tO| (review finding 2). O in fp32 is the forward's when it kept it,
+        # else summed again here.
+        q, k, v, out, lse, mask, probs, out_acc = ctx.saved_tensors
         acc, bs = _acc_dtype(q), ctx.block_size
+        o, o_sum = (out, None) if out.dtype == acc else (out_acc, None)
+        if not o.numel():  # not kept: sum_j P_ij V_j again
+            o = o_sum = torch.zeros_like(out, dtype=acc)
         qs = q.to(acc) * ctx.scale
         # tS = [tq, q] scale @ [k, tk]^T: both terms in one matmul over the concatenated head dims.
         tqs = None if tq is None else tq.to(acc) * ctx.scale
@@ -123,16 +131,19 @@ class JVPAttention(torch.autograd.Function):
         mu = torch.zeros_like(lse)  # sum_j P_ij tS_ij
         for j in range(0, k.shape[-2], bs):
             p = probs if probs.numel() else torch.exp(_scores(qs, k, mask, j, bs) - lse)  # masked: exp(-inf) = 0
+            v_j = v[..., j : j + bs, :].to(acc)
             if right is not None:
                 pts = (left @ right[..., j : j + bs, :].to(acc).transpose(-1, -2)).mul_(p)
-                a += pts @ v[..., j : j + bs, :].to(acc)
+                a += pts @ v_j
                 mu += pts.sum(-1, keepdim=True)
             if tv is not None:
                 a += p @ tv[..., j : j + bs, :].to(acc)
-        return (a - mu * out.to(acc)).to(q.dtype), None, None
+            if o_sum is not None:
+                o_sum += p @ v_j
+        return (a - mu * o).to(q.dtype), None, None, None
 
     @staticmethod
-    def backward(ctx: Any, d_out: Tensor, _d_lse: Tensor | None, _d_probs: Tensor | None) -> tuple:
+    def backward(ctx: Any, d_out: Tensor, *_: Tensor | None) -> tuple:
         # Flash-attention backward: dS = P * (dP - Delta) with Delta = rowsum(dO * O), which
         # equals rowsum(P * dP), so no (Nq, Nk) matrix is ever held.
         q, k, v, out, lse, mask = ctx.saved_tensors
@@ -150,6 +161,13 @@ class JVPAttention(torch.autograd.Function):
                 dk_blocks.append(ds.transpose(-1, -2) @ qs)
         dk, dv = torch.cat(dk_blocks, -2).to(k.dtype), torch.cat(dv_blocks, -2).to(v.dtype)
         return (dq * ctx.scale).to(q.dtype), dk, dv, None, None, None, None
+
+
+def _outputs(q: Tensor, out_acc: Tensor, lse: Tensor, probs: Tensor, keep: bool) -> tuple[Tensor, ...]:
+    """`JVPAttention.forward`'s (O, L, P, O_acc): O_acc (O before rounding to q's dtype) is kept only for
+    a `jvp` in the same call (`keep`) and when it differs from O."""
+    out = out_acc.to(q.dtype)
+    return out, lse, probs, out_acc if keep and out is not out_acc else out_acc.new_empty(0)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:

@@ -18,7 +18,8 @@ too; the tangent output is not differentiable, which is all sCM needs (the tange
 no-grad, Algorithm 1), so with a tangent it runs under `torch.no_grad()` only (`triton_unsupported`).
 
 Inputs are fp16, bf16 (fp32 accumulators, the P operands of the second matmuls rounded to the input
-dtype as in flash attention), fp32 (IEEE matmuls, no TF32) or fp64 (interpreter only); head dims up to
+dtype as in flash attention; P tS after centring tS on its row mean, so that the part of tS that cancels
+against mu O is never rounded), fp32 (IEEE matmuls, no TF32) or fp64 (interpreter only); head dims up to
 256 (padded to a power of two); an optional key padding mask; non-causal or causal (query i sees keys
 j <= i, the top-left alignment of SDPA's `is_causal`). On a machine without CUDA the kernel runs in
 Triton's interpreter when `TRITON_INTERPRET=1` is set before this module is imported; that is how the
@@ -120,18 +121,27 @@ def _attention_jvp_kernel(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - shift[:, None])
         rescale = tl.exp2(m - shift)
-        l = l * rescale + tl.sum(p, 1)
+        p_sum = tl.sum(p, 1)
+        l = l * rescale + p_sum
         p_dot = p.to(in_dtype).to(DOT_DTYPE)  # flash attention's rounding of P for the matmul
-        acc = acc * rescale[:, None] + tl.dot(p_dot, v, out_dtype=ACC_DTYPE, input_precision=PRECISION)
+        pv = tl.dot(p_dot, v, out_dtype=ACC_DTYPE, input_precision=PRECISION)
+        acc = acc * rescale[:, None] + pv
         if HAS_TANGENT:
             tk = _load_tile(TK + b * stk_b + h * stk_h, cols, dims, stk_n, stk_d, n_k, HEAD_DIM)
             tv = _load_tile(TV + b * stv_b + h * stv_h, cols, dims, stv_n, stv_d, n_k, HEAD_DIM)
             ts = tl.dot(tq, kt, out_dtype=ACC_DTYPE, input_precision=PRECISION)
             ts += tl.dot(q, tl.trans(tk.to(DOT_DTYPE)), out_dtype=ACC_DTYPE, input_precision=PRECISION)
-            pts = p * (ts * scale)  # hidden keys have p = 0
-            mu = mu * rescale + tl.sum(pts, 1)
-            acc_t = acc_t * rescale[:, None]
-            acc_t += tl.dot(pts.to(in_dtype).to(DOT_DTYPE), v, out_dtype=ACC_DTYPE, input_precision=PRECISION)
+            ts = ts * scale
+            pts_sum = tl.sum(p * ts, 1)  # hidden keys have p = 0
+            mu = mu * rescale + pts_sum
+            # (P * tS) V = (P * (tS - c)) V + c P V, c = the row's P-weighted mean of tS over this block.
+            # A part of tS constant along the row cancels against -mu O; rounding only what is left of
+            # tS after centring (c P V reuses the fp32 product of the O update) keeps that cancellation
+            # in fp32 (review finding 2): the error is 2^-9 |P (tS - c)| |V|, not 2^-9 |mu O|.
+            c = tl.where(p_sum > 0, pts_sum / tl.where(p_sum > 0, p_sum, 1.0), 0.0)
+            p_ts = (p * (ts - c[:, None])).to(in_dtype).to(DOT_DTYPE)
+            acc_t = acc_t * rescale[:, None] + c[:, None] * pv
+            acc_t += tl.dot(p_ts, v, out_dtype=ACC_DTYPE, input_precision=PRECISION)
             acc_t += tl.dot(p_dot, tv.to(DOT_DTYPE), out_dtype=ACC_DTYPE, input_precision=PRECISION)
         m = m_new
 
