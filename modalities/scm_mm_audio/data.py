@@ -506,6 +506,11 @@ def _list_nsynth(root: Path, label: str) -> _Listing:
     return _Listing(files, classes, [index], missing)
 
 
+def manifest_folder() -> Path:
+    """Where manifest="auto" caches folder scans: $SCM_MM_CACHE/audio-manifests (default ~/.cache/scm-mm)."""
+    return Path(os.environ.get("SCM_MM_CACHE", Path.home() / ".cache" / "scm-mm")) / "audio-manifests"
+
+
 def _content_key(root: Path, listing: _Listing, settings: dict[str, Any]) -> str:
     """sha256 of every listed file's relative path, size and mtime, the index files, and the settings
     that decide what a check finds. A changed, added or removed file gives another key."""
@@ -578,7 +583,8 @@ class AudioFolder(Dataset):
         crop: str = "start",                            # "start", "center" or "random" (fit_length's mode)
         extensions: Sequence[str] = AUDIO_EXTENSIONS,   # file suffixes for folders / flat / sc09
         min_rms: float = 1e-4,                          # clips quieter than this (RMS) are dropped as silent
-        manifest: str | Path | None = None,             # JSON file caching the scan; None: always scan
+        manifest: str | Path | None = None,             # JSON file caching the scan; "auto": one in the user's
+                                                        # cache (manifest_folder); None: always scan
         split: str | None = None,                       # sc09 only: "train", "valid", "test" or None (all)
         label: str | None = None,                       # nsynth only: "pitch" (default) or "instrument_family"
     ) -> None:
@@ -611,6 +617,8 @@ class AudioFolder(Dataset):
             "channels": self.channels, "min_rms": self.min_rms, "extensions": list(self.extensions),
         }  # fmt: skip
         self.content_key = _content_key(self.root, listing, settings)
+        if manifest == "auto":  # one manifest per set of files and settings
+            manifest = manifest_folder() / f"{self.content_key[:32]}.json"
         scan = self._read_manifest(manifest)
         from_manifest = scan is not None
         if scan is None:

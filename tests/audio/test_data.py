@@ -346,6 +346,16 @@ def test_audio_folder_without_usable_files_names_root_and_counts(tmp_path):
         AudioFolder(root)
 
 
+def test_an_auto_manifest_lives_in_the_cache_folder(messy_folder, tmp_path, monkeypatch, capsys):
+    root, _, _ = messy_folder
+    monkeypatch.setenv("SCM_MM_CACHE", str(tmp_path / "cache"))
+    first = AudioFolder(root, manifest="auto")
+    written = list((tmp_path / "cache" / "audio-manifests").glob("*.json"))
+    assert [json.loads(p.read_text())["key"] for p in written] == [first.content_key]
+    AudioFolder(root, manifest="auto")
+    assert "from manifest" in capsys.readouterr().out
+
+
 def test_audio_folder_manifest_skips_decoding_until_files_change(messy_folder, tmp_path, monkeypatch, capsys):
     root, good, _ = messy_folder
     manifest = tmp_path / "cache" / "manifest.json"
