@@ -189,6 +189,30 @@ def test_backward_of_the_primal_matches_naive(mask_kind, causal):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=EXACT_ATOL)
 
 
+@pytest.mark.parametrize("nq,nk", [(9, 13), (13, 9)])
+def test_causal_backward_uses_is_causal(monkeypatch, nq, nk):
+    """Causal without a key mask: the backward's SDPA gets is_causal (top-left, as the kernel), not a
+    dense (Nq, Nk) mask (1 GiB at N = 32k, and no flash backward), with naive attention's gradients."""
+    from torch.nn import functional as F
+
+    sdpa, seen = F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v, _, _, _ = _inputs(2, 2, nq, nk, 16, EXACT)
+    d_out = torch.randn_like(q)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    grads = torch.autograd.grad(triton_attention.triton_attention(*leaves, causal=True), leaves, d_out)
+    assert seen == [(None, True)]
+    tril = torch.ones(nq, nk, dtype=torch.bool, device=DEVICE).tril()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    refs = torch.autograd.grad(naive_attention(*leaves, tril), leaves, d_out)
+    torch.testing.assert_close(grads, refs, rtol=0, atol=EXACT_ATOL)
+
+
 @pytest.mark.parametrize("kv_batch,kv_heads", [(1, 1), (2, 1), (1, 3)])
 def test_broadcast_kv_batch_and_heads(kv_batch, kv_heads):
     """k, v (and their tangents) with one batch or one head for all of q's: read through stride-0

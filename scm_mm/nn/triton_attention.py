@@ -377,12 +377,12 @@ class TritonAttention(torch.autograd.Function):
     def backward(ctx: Any, d_out: Tensor, *_: Tensor | None) -> tuple:
         q, k, v, key_mask = ctx.saved_tensors
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        if ctx.causal:  # SDPA takes a mask or is_causal, not both
-            tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-            mask = tril if mask is None else mask & tril
+        causal = ctx.causal and mask is None  # is_causal is top-left, as the kernel: no (Nq, Nk) mask
+        if ctx.causal and mask is not None:  # SDPA takes a mask or is_causal, not both
+            mask = mask & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         with torch.enable_grad():
             q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=ctx.scale)
             dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
         return dq, dk, dv, None, None, None, None, None, None
 
