@@ -18,6 +18,7 @@ import functools
 import itertools
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal, NamedTuple, cast
@@ -25,6 +26,8 @@ from typing import Literal, NamedTuple, cast
 import torch
 from torch import nn
 from torch.autograd import forward_ad
+
+from .nn.attention import current_backend
 
 Tensors = Sequence[torch.Tensor]
 
@@ -81,8 +84,10 @@ class CUDAGraphJVP:
     On a GPU the dual-tensor JVP is bound by issuing its kernels, not by running them: one video DiT-S JVP
     at batch 16 spent 310 ms of host time on 49 ms of GPU work (docs/benchmarks.md 9b). A CUDA graph
     issues them all at once. One graph is captured per model and input layout (shapes, dtypes, which
-    conditions are given, the autocast dtype); each call copies the inputs into the graph's buffers,
-    replays it and returns copies of its outputs. Each graph keeps the memory of one JVP reserved.
+    conditions are given, the autocast dtype, the attention backend); each call copies the inputs into the
+    graph's buffers, replays it and returns copies of its outputs. Each graph keeps the memory of one JVP
+    reserved, so only the `max_graphs` most recently used per model are kept: a batch shrunk by dropped
+    non-finite samples is captured again rather than reserving another pool for the rest of the run.
 
     A graph reads the parameters at the addresses they had at capture. Optimizers and `load_state_dict`
     update them in place; a model whose parameters moved since (`.to()`, a reassigned tensor) is
@@ -90,8 +95,15 @@ class CUDAGraphJVP:
     graph draws its own), FSDP's sharded parameters (gathered by collectives) and CPU tensors.
     """
 
-    def __init__(self) -> None:
-        self._graphs: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Captured]] = weakref.WeakKeyDictionary()
+    def __init__(
+        self,
+        max_graphs: int = 2,  # graphs kept per model, the most recently used; each reserves one JVP's memory
+    ) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.max_graphs = max_graphs
+        # Per model, its graphs by input layout (the key in `__call__`), least recently used first.
+        self._graphs: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, _Captured]] = weakref.WeakKeyDictionary()
 
     def __call__(
         self,
@@ -104,12 +116,16 @@ class CUDAGraphJVP:
         inputs = [*primals, *tangents, *(cast(torch.Tensor, cond[k]) for k in names)]
         _check_graphable(model, inputs)
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (names, dtype, *((a.shape, a.dtype, a.device) for a in inputs))
-        graphs = self._graphs.setdefault(model, {})
+        key = (names, dtype, current_backend(), *((a.shape, a.dtype, a.device) for a in inputs))
+        graphs = self._graphs.setdefault(model, OrderedDict())
         addresses = tuple(a.data_ptr() for a in itertools.chain(model.parameters(), model.buffers()))
-        captured = graphs.get(key)
+        captured = graphs.pop(key, None)
         if captured is None or captured.addresses != addresses:
-            captured = graphs[key] = _capture(model, names, inputs, dtype, addresses)
+            captured = None  # a stale graph goes before the capture: its memory pool is released first
+            while len(graphs) >= self.max_graphs:
+                graphs.popitem(last=False)  # the least recently used graph, and with it its pool
+            captured = _capture(model, names, inputs, dtype, addresses)
+        graphs[key] = captured  # now the most recently used
         for buffer, value in zip(captured.inputs, inputs, strict=True):
             buffer.copy_(value)
         captured.graph.replay()

@@ -1,15 +1,20 @@
 """scm_mm.jvp.CUDAGraphJVP, the dual JVP replayed from CUDA graphs (issue 6).
 
-What it refuses runs in the default test run; that it equals the eager JVP while the weights train needs
-CUDA (marked gpu: `bench/gpu_checks.sh tests`).
+What it refuses and which graphs it keeps run in the default test run (the capture faked on the CPU); that
+it equals the eager JVP while the weights train needs CUDA (marked gpu: `bench/gpu_checks.sh tests`).
 """
+
+import gc
+import weakref
 
 import pytest
 import torch
 from helpers import TinyNet
 
+import scm_mm.jvp
 from scm_mm import SCMLoss, TrigFlowPrecond
 from scm_mm.jvp import CUDAGraphJVP, jvp
+from scm_mm.nn.attention import attention_backend
 from scm_mm.nn.dit import DiT
 from scm_mm.nn.unet import UNet
 
@@ -32,6 +37,59 @@ def test_refuses_cpu_tensors_and_dropout() -> None:
         SCMLoss(tangent_method="cuda_graph_jvp")(student, x0)
     with pytest.raises(ValueError, match="'cuda_graph_jvp'"):
         SCMLoss(tangent_method="cuda_graphs")
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph's replay on the CPU: the eager JVP, written into the captured output buffers."""
+
+    def __init__(self, replay):
+        self.replay = replay
+
+
+def test_keeps_the_most_recently_used_graphs_per_backend(monkeypatch) -> None:
+    """A new layout evicts the least recently used graph beyond `max_graphs` (each holds a memory pool);
+    the attention backend is part of the layout (a graph captured with one replays that one)."""
+    captures, graphs = [], []
+
+    def fake_capture(model, names, inputs, dtype, addresses):
+        static = [a.clone() for a in inputs]
+        x, t, tx, tt, *rest = static
+        cond = dict(zip(names, rest, strict=True))
+        out, tangent = (y.clone() for y in jvp(lambda a, b: model(a, b, **cond), (x, t), (tx, tt)))
+
+        def replay():
+            for buffer, value in zip((out, tangent), jvp(lambda a, b: model(a, b, **cond), (x, t), (tx, tt))):
+                buffer.copy_(value)
+
+        graph = _FakeGraph(replay)
+        captures.append(len(x))
+        graphs.append(weakref.ref(graph))
+        return scm_mm.jvp._Captured(graph, static, out, tangent, addresses)
+
+    monkeypatch.setattr(scm_mm.jvp, "_check_graphable", lambda model, inputs: None)
+    monkeypatch.setattr(scm_mm.jvp, "_capture", fake_capture)
+    model = TrigFlowPrecond(TinyNet(channels=3)).eval()
+    graphed = CUDAGraphJVP()  # max_graphs=2
+
+    def call(batch: int) -> None:
+        primals = (torch.randn(batch, 3), torch.rand(batch) + 0.1)
+        tangents = (torch.randn(batch, 3), torch.ones(batch))
+        torch.testing.assert_close(graphed(model, primals, tangents, {"labels": None}), jvp(model, primals, tangents))
+
+    for batch in (4, 2, 4, 3):  # capture 4, capture 2, replay 4 (now the most recent), capture 3: 2 goes
+        call(batch)
+    assert captures == [4, 2, 3]
+    assert [key[3][0][0] for key in graphed._graphs[model]] == [4, 3]
+    gc.collect()
+    assert graphs[1]() is None  # the evicted graph is gone, and its pool with it
+    call(2)  # captured again, evicting 4
+    assert captures == [4, 2, 3, 2] and [key[3][0][0] for key in graphed._graphs[model]] == [3, 2]
+    with attention_backend("math"):  # same shapes, another backend: its own graph
+        call(2)
+    assert captures == [4, 2, 3, 2, 2]
+    assert [key[2] for key in graphed._graphs[model]] == ["auto", "math"]
+    with pytest.raises(ValueError, match="max_graphs"):
+        CUDAGraphJVP(max_graphs=0)
 
 
 def _randomized(net: torch.nn.Module) -> TrigFlowPrecond:

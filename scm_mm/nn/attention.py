@@ -223,6 +223,11 @@ def attention_backend(name: str) -> Iterator[None]:
         _backend.reset(token)
 
 
+def current_backend() -> str:
+    """The backend `attention` takes here: "auto", or the one `attention_backend` forces."""
+    return _backend.get()
+
+
 @functools.cache
 def _xformers_ops() -> ModuleType | None:
     """xformers.ops if installed and importable; imported on first use only (an optional dependency).
