@@ -2,6 +2,7 @@
 
     python examples/generate_audio.py                       # train once (9 minutes on 2 cores), then reuse
     python examples/generate_audio.py --checkpoint runs/notes_scd --vocoder runs/notes_vocoder --out notes.wav
+    python examples/generate_audio.py --checkpoint runs/notes_teacher --method heun --steps 32   # the teacher
 
 Without --checkpoint, it trains the library's recipe (configs/experiment/notes_teacher.yaml, notes_scd.yaml and
 notes_vocoder.yaml) on the embedded notes (synthesised on the fly: twelve pitches from C4 to B4 played by five
@@ -10,6 +11,10 @@ vocoder trained on the same clips. The runs live in the cache folder ($SCM_MM_CA
 where they stopped, so a second call only samples. The clips cycle through the pitches (label k = MIDI 60 + k).
 With --checkpoint and no --vocoder, it vocodes with the recipe's vocoder run beside the checkpoint's run
 (<folder>/notes_vocoder) when there is one, else with Griffin-Lim; it prints which.
+
+--checkpoint takes any audio run or checkpoint: an sCD or sCT student samples in --steps consistency steps, a
+diffusion teacher with an ODE solver (--method; by default heun, 32 steps). --guidance is the CFG scale input
+of a CFG-distilled sCD student only: teachers, sCT students and students of unlabelled data have none.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from scm_mm.app import train
+from scm_mm.samplers import ODE_SAMPLERS
 from scm_mm.train.checkpoint import CHECKPOINT_DIR, resolve_checkpoint
 from scm_mm_audio import AudioSCM
 
@@ -65,9 +71,13 @@ def main() -> None:
                                      "run: notes_vocoder), else Griffin-Lim")  # fmt: skip
     p.add_argument("--out", default="notes.wav", help="notes.wav -> notes-000.wav, notes-001.wav, ...")
     p.add_argument("--n", type=int, default=12)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--method", choices=["consistency", *ODE_SAMPLERS], default=None,
+                   help="sampler; default: heun for a diffusion teacher, consistency for a student")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="default: 2 (consistency), 32 (an ODE solver)")
+    p.add_argument("--t-mid", type=float, default=1.1, help="consistency sampling: t of the intermediate step(s)")
     p.add_argument("--seconds", type=float, default=None, help="clip length; default: as trained")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale input of the sCD student")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale input of a CFG-distilled sCD student (default: 1); others have none")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None, help="where the recipe's runs live")
     for name in ("teacher", "student", "vocoder"):  # smoke tests
@@ -87,7 +97,10 @@ def main() -> None:
     vocoder = None if vocoder == "griffin-lim" else vocoder
     print(f"vocoder: {vocoder or 'Griffin-Lim'}")
     model = AudioSCM.load(run, vocoder=vocoder)
-    model.generate(args.n, steps=args.steps, seconds=args.seconds, guidance=args.guidance, seed=args.seed)
+    method, steps = model.sampler_for(args.method, args.steps)
+    model.generate(args.n, steps=steps, seconds=args.seconds, guidance=args.guidance, seed=args.seed, method=method,
+                   t_mid=args.t_mid)  # fmt: skip
+    print(f"{model.meta.get('method', 'model')} checkpoint: {method} sampler, {steps} steps")
     for path in model.save(args.out):
         print(f"wrote {path}")
 

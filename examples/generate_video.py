@@ -86,8 +86,7 @@ def main() -> None:
                  "digits_scd": args.student_iters}  # fmt: skip
         run = train_recipe(args.cache or cache_root(), iters, args.clips)
     model = VideoSCM.load(run)
-    method = args.method or ("heun" if model.meta.get("method") == "diffusion" else "consistency")
-    steps = args.steps if args.steps is not None else 2 if method == "consistency" else 32
+    method, steps = model.sampler_for(args.method, args.steps)
     videos = model.generate(args.n, steps=steps, frames=args.frames, guidance=args.guidance, seed=args.seed,
                             method=method, t_mid=args.t_mid)  # fmt: skip
     print(f"{model.meta.get('method', 'model')} checkpoint: {method} sampler, {steps} steps")

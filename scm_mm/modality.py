@@ -66,6 +66,7 @@ def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 @runtime_checkable
 class Modality(Protocol):
     name: str
+    default_suffix: str  # what `save` writes when the path does not say (".png", ".wav", ".mp4")
 
     def codec_from_state(self, state: Mapping[str, Any], **overrides: Any) -> Codec:
         """Rebuild the codec a checkpoint was trained with (overrides: e.g. a local path to weights)."""

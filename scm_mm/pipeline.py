@@ -106,6 +106,15 @@ class SCMPipeline:
             )
         return torch.cat(out)
 
+    def sampler_for(self, method: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(method, steps), each as given or else suited to the checkpoint's recorded training method: a
+        diffusion teacher takes an ODE solver (heun, 32 steps), an sCD or sCT student 2 consistency steps."""
+        if method is None:
+            method = "heun" if self.meta.get("method") == "diffusion" else "consistency"
+        if steps is None:
+            steps = 2 if method == "consistency" else 32
+        return method, steps
+
     def shape_for(self, seconds: float) -> list[int]:
         """The x0 shape of one sample lasting `seconds` (audio, video); other media have no duration."""
         raise ValueError(f"{self.modality.name} samples have no duration")

@@ -59,6 +59,7 @@ class AudioModality:
     """The plug of scm_mm.modality.Modality for audio (registered as entry point "audio")."""
 
     name = "audio"
+    default_suffix = ".wav"  # one file per clip
 
     @property
     def pipeline(self) -> type[AudioSCM]:

@@ -49,6 +49,7 @@ class ImageModality:
     """The plug of scm_mm.modality.Modality for images (registered as entry point "image")."""
 
     name = "image"
+    default_suffix = ".png"  # a grid
 
     @property
     def pipeline(self) -> type[ImageSCM]:

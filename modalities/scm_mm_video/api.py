@@ -63,6 +63,7 @@ class VideoModality:
     """The plug of scm_mm.modality.Modality for video (registered as entry point "video")."""
 
     name = "video"
+    default_suffix = ".mp4"  # one file per clip
 
     @property
     def pipeline(self) -> type[VideoSCM]:

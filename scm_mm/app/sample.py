@@ -56,7 +56,8 @@ def run(cfg: DictConfig) -> list[Path]:
     )  # fmt: skip
     media = pipe.codec.decode(x0).cpu()  # also waits for the device, so the time below is right
     seconds = time.perf_counter() - start
-    paths = pipe.save_media(media, cfg.out)
+    out = cfg.out if cfg.out is not None else f"samples/samples{pipe.modality.default_suffix}"
+    paths = pipe.save_media(media, out)
     print(f"{cfg.n} samples in {seconds:.2f} s ({cfg.solver}, {cfg.steps} steps) -> {', '.join(map(str, paths))}")
     return paths
 

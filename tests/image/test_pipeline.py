@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import runpy
 import shutil
 import subprocess
 import sys
@@ -199,9 +200,37 @@ def test_every_experiment_composes_and_builds_its_net(name):
     assert cfg.train.batch_size % 8 == 0 and cfg.method.loss.sigma_d == cfg.modality.sigma_d
 
 
+EXAMPLE = Path(__file__).parents[2] / "examples" / "generate_image.py"
+
+
+def run_example(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), *map(str, args)])
+    runpy.run_path(str(EXAMPLE), run_name="__main__")
+
+
+def test_generate_image_example_samples_teacher_and_student_checkpoints(runs, tmp_path, monkeypatch, capsys):
+    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "t.png", "--n", 2, "--steps", 2)
+    assert "diffusion checkpoint: heun sampler, 2 steps" in capsys.readouterr().out  # was 2 consistency steps
+    assert (tmp_path / "t.png").is_file()
+    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "e.png", "--n", 1,
+                "--method", "euler", "--steps", 3, "--seed", 1)  # fmt: skip
+    assert "euler sampler, 3 steps" in capsys.readouterr().out and (tmp_path / "e.png").is_file()
+    with pytest.raises(ValueError, match="guidance"):  # the teacher has no CFG scale input
+        run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "g.png", "--guidance", 1.5)
+    run_example(monkeypatch, "--checkpoint", runs / "scd", "--out", tmp_path / "s.png", "--n", 1, "--t-mid", 0.9)
+    assert "scd checkpoint: consistency sampler, 2 steps" in capsys.readouterr().out
+
+
+def test_sample_app_names_its_output_after_the_modality(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config("sample", [f"checkpoint={runs / 'scd'}", "n=4", "device=cpu"])
+    assert cfg.out is None  # the modality names the file (was samples/samples.png for every modality)
+    paths = sample.run(cfg)
+    assert paths == [Path("samples/samples.png")] and Image.open(tmp_path / paths[0]).format == "PNG"
+
+
 def test_generate_image_example_trains_caches_and_reuses(tmp_path):
-    example = Path(__file__).parents[2] / "examples" / "generate_image.py"
-    cmd = [sys.executable, str(example), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "d.png"),
+    cmd = [sys.executable, str(EXAMPLE), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "d.png"),
            "--n", "4", "--teacher-iters", "2", "--student-iters", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, capture_output=True, env=env)

@@ -116,6 +116,13 @@ def test_generate_video_example_samples_teacher_and_student_checkpoints(runs, tm
     assert "scd checkpoint: consistency sampler, 2 steps" in capsys.readouterr().out
 
 
+def test_sample_app_names_its_output_after_the_modality(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = sample.run(config("sample", [f"checkpoint={runs / 'scd'}", "n=2", "device=cpu"]))
+    assert paths == [Path("samples/samples-000.mp4"), Path("samples/samples-001.mp4")]  # were .png frame strips
+    assert probe(tmp_path / paths[0]).frames == 5
+
+
 def test_generate_video_example_trains_caches_and_reuses(tmp_path):
     cmd = [sys.executable, str(EXAMPLE), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "d.mp4"),
            "--n", "2", "--vae-iters", "1", "--teacher-iters", "1", "--student-iters", "1", "--clips", "64",
