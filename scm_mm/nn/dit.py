@@ -38,7 +38,7 @@ from scm_mm.nn.embeddings import (
     rope_rotation,
     sincos_grid_embedding,
 )
-from scm_mm.nn.layers import Linear
+from scm_mm.nn.layers import Linear, Linear32
 from scm_mm.nn.norm import AdaptiveDoubleNorm, RMSNorm
 
 # Patch pixels go before channels in a token, one einops pattern per number of spatial dims.
@@ -148,8 +148,8 @@ class DiTBlock(nn.Module):
         )
         # adaLN-Zero gates, not pnorm-ed (pnorm of a zero vector is degenerate). The branches
         # themselves keep their default init: zeroing both the gate and attn.proj would leave
-        # each with a zero gradient forever.
-        self.gates = Linear(emb_dim, 2 * hidden)
+        # each with a zero gradient forever. In fp32 like all modulation (Linear32).
+        self.gates = Linear32(emb_dim, 2 * hidden)
         nn.init.zeros_(self.gates.weight)
         nn.init.zeros_(self.gates.bias)
 
@@ -160,7 +160,8 @@ class DiTBlock(nn.Module):
         rope: Rotation | None = None,
         grid: Sequence[int] = (),
     ) -> torch.Tensor:
-        gate_attn, gate_mlp = self.gates(emb)[:, None, :].chunk(2, dim=-1)  # (B, 1, hidden) each
+        # fp32 gates meet the residual stream in its dtype (bf16 under autocast).
+        gate_attn, gate_mlp = self.gates(emb)[:, None, :].to(x.dtype).chunk(2, dim=-1)  # (B, 1, hidden) each
         x = torch.addcmul(x, gate_attn, self.attn(self.norm1(x, emb), rope, self.group, grid))
         return torch.addcmul(x, gate_mlp, self.mlp(self.norm2(x, emb)))
 

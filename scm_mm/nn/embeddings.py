@@ -2,9 +2,11 @@
 
 sCM §4.1: the time input is c_noise(t) = t (scaled by the wrapper: c_noise = 1000·t) and is embedded
 with sinusoidal *positional* embeddings, which behave like Fourier features of scale ≈ 0.02; large
-Fourier scales (e.g. 16) make continuous-time training unstable (Fig. 4). The sinusoids are computed
-in float32 (float64 for float64 inputs) whatever the autocast state: in rCM #10 an sCM run that
-collapsed after a gradient spike was fixed by, among other things, an fp32 timestep embedding.
+Fourier scales (e.g. 16) make continuous-time training unstable (Fig. 4). The sinusoids and the whole
+condition embedding (time MLP, label rows, guidance linear) are computed in float32 (float64 for float64
+inputs) whatever the autocast state, as rCM and Wan keep the time embedding and the modulation in fp32:
+in rCM #10 an sCM run that collapsed after a gradient spike was fixed by, among other things, an fp32
+timestep embedding. The JVP's time tangent goes through the same fp32 layers.
 """
 
 from collections.abc import Sequence
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from scm_mm.nn.attention import tangent_is_live
-from scm_mm.nn.layers import Linear
+from scm_mm.nn.layers import Linear32
 
 
 def _embedding_dtype(x: torch.Tensor) -> torch.dtype:
@@ -69,7 +71,8 @@ class ConditionEmbedding(nn.Module):
       Linear_g is zero-initialised so a student initialised from its teacher starts with the teacher's
       function for every s (App. G.2 initialises sCD from the teacher's EMA weights).
 
-    The returned embedding is post-activation: consumers apply a Linear only.
+    The returned embedding is post-activation, float32 (float64 for float64 c_noise) whatever the autocast
+    state: consumers apply a `Linear32` only (modulation in fp32) and cast where it meets the activations.
     """
 
     def __init__(
@@ -92,12 +95,12 @@ class ConditionEmbedding(nn.Module):
         self.guidance_scale = guidance_scale
         self.pos = PositionalEmbedding(noise_channels, max_positions=max_positions)
         self.time_mlp = nn.Sequential(
-            Linear(noise_channels, emb_dim),
+            Linear32(noise_channels, emb_dim),
             nn.SiLU(),
-            Linear(emb_dim, emb_dim),
+            Linear32(emb_dim, emb_dim),
         )
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
-        self.guidance_linear = Linear(noise_channels, emb_dim) if guidance_embed else None
+        self.guidance_linear = Linear32(noise_channels, emb_dim) if guidance_embed else None
         if self.guidance_linear is not None:
             nn.init.zeros_(self.guidance_linear.weight)
             nn.init.zeros_(self.guidance_linear.bias)
@@ -111,9 +114,8 @@ class ConditionEmbedding(nn.Module):
         if c_noise.ndim != 1:
             raise ValueError(f"c_noise must have shape (B,), got {tuple(c_noise.shape)}")
         batch = c_noise.shape[0]
-        # Compute the sinusoid in fp32, then meet the parameters' dtype (autocast handles the rest).
-        param_dtype = self.time_mlp[0].weight.dtype
-        emb = self.time_mlp(self.pos(c_noise).to(param_dtype))  # (B, emb_dim)
+        # fp32 throughout (fp64 for fp64 c_noise): the sinusoid, then Linear32s with autocast off.
+        emb = self.time_mlp(self.pos(c_noise))  # (B, emb_dim)
 
         if labels is not None and self.label_embed is None:
             raise ValueError("labels were given but the network was built with num_classes=0")
@@ -138,8 +140,7 @@ class ConditionEmbedding(nn.Module):
                 guidance = torch.ones(batch, dtype=c_noise.dtype, device=c_noise.device)
             if guidance.shape != (batch,):
                 raise ValueError(f"guidance must have shape ({batch},), got {tuple(guidance.shape)}")
-            s_emb = self.pos(guidance * self.guidance_scale).to(param_dtype)  # (B, noise_channels)
-            emb = emb + self.guidance_linear(s_emb)
+            emb = emb + self.guidance_linear(self.pos(guidance * self.guidance_scale))  # pos: (B, noise_channels)
         return nn.functional.silu(emb)
 
 

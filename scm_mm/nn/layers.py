@@ -159,14 +159,39 @@ class _LinearJVP(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """nn.functional.linear with the cheaper forward-mode rule while a tangent is live."""
+    if tangent_is_live(input, weight):
+        live = (tangent_is_live(weight), bias is not None and tangent_is_live(bias))
+        const = _constants(weight, bias, live)
+        if const is not None:
+            return _LinearJVP.apply(input, None, None, live, const)
+        return _LinearJVP.apply(input, weight, bias, live)
+    return nn.functional.linear(input, weight, bias)
+
+
 class Linear(nn.Linear):
     """nn.Linear with the cheaper forward-mode rule while a tangent is live."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if tangent_is_live(input, self.weight):
-            live = (tangent_is_live(self.weight), self.bias is not None and tangent_is_live(self.bias))
-            const = _constants(self.weight, self.bias, live)
-            if const is not None:
-                return _LinearJVP.apply(input, None, None, live, const)
-            return _LinearJVP.apply(input, self.weight, self.bias, live)
-        return super().forward(input)
+        return linear(input, self.weight, self.bias)
+
+
+class Linear32(Linear):
+    """`Linear` computed in at least float32 whatever autocast says; the output is float32 (float64 for a
+    float64 input or weight), so its consumer casts it where it meets bf16/fp16 activations.
+
+    For the condition path: the embedding MLP and the scale, shift and gate projections of the embedding.
+    rCM and Wan keep the time embedding and the modulation in fp32 (reference/scm.md §5), and sCM's time
+    tangent (up to 1000·cos t sin t per sinusoid channel) flows through exactly these layers: in bf16,
+    d emb/dt was off by 0.45% (review of scm_mm/nn, finding 4). They see (B, emb_dim) rows, not tokens, so
+    fp32 costs little. Inside, autocast is off, so the forward and the `_LinearJVP` tangent (run in the same
+    context) stay in this dtype, as does the backward when it runs outside autocast (as the training loop
+    runs it; under autocast the stock backward and `_LinearJVP.backward` both drop to autocast's dtype).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        dtype = torch.promote_types(torch.promote_types(input.dtype, self.weight.dtype), torch.float32)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(input.device.type, enabled=False):
+            return linear(input.to(dtype), self.weight.to(dtype), bias)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scm_mm.nn.attention import tangent_is_live
-from scm_mm.nn.layers import Linear, _constants
+from scm_mm.nn.layers import Linear32, _constants
 
 
 class _Normalize(torch.autograd.Function):
@@ -165,7 +165,9 @@ class AdaptiveDoubleNorm(nn.Module):
     AdaGN, whose scale and shift are unnormalised, to stabilise continuous-time training;
     PixelNorm keeps the RMS of the scale and of the shift at 1 whatever the embedding does.
     Because pnorm(0) is degenerate, s and b keep the default init (never zero-init them;
-    adaLN-Zero gates live elsewhere).
+    adaLN-Zero gates live elsewhere). s, b and their pnorm run in fp32 whatever autocast says (a
+    `Linear32`, as rCM and Wan keep the modulation in fp32), as do the statistics; they meet x in fp32
+    and the result returns to x's dtype.
 
     forward: x (B, C, *dims) if channels_last=False, else (B, *, C); emb (B, emb_dim) -> x's shape.
     """
@@ -187,7 +189,7 @@ class AdaptiveDoubleNorm(nn.Module):
         self.groups = num_groups(num_channels, groups)
         self.channels_last = channels_last
         self.eps = eps
-        self.affine = Linear(emb_dim, 2 * num_channels)  # -> (scale, shift), each pnorm-ed
+        self.affine = Linear32(emb_dim, 2 * num_channels)  # -> (scale, shift), each pnorm-ed
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         cdim = -1 if self.channels_last else 1
@@ -206,7 +208,8 @@ class AdaptiveDoubleNorm(nn.Module):
             h = _normalize_live(h, True, self.eps) if live else F.layer_norm(h, (self.num_channels,), eps=self.eps)
             h = h if self.channels_last else h.movedim(-1, 1)
 
-        # (B, C) each, pnorm-ed apart in one call: half the kernels of two (docs/benchmarks.md 2).
+        # (B, C) each, from fp32 (Linear32), pnorm-ed apart in one call: half the kernels of two
+        # (docs/benchmarks.md 2).
         scale, shift = pixel_norm(self.affine(emb).unflatten(1, (2, -1)).to(h.dtype), dim=2).unbind(1)
         # Broadcast (B, C) against x: (B, 1.., 1, C) channels-last, (B, C, 1.., 1) channel-first.
         ones = [1] * (x.ndim - 2)
