@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_checkpoint(cfg.checkpoint)
     pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=pick_device(cfg.device), **codec_overrides(cfg))
     check_modality(cfg, pipe)
+    solver, steps = pipe.sampler_for(cfg.solver, cfg.steps)  # a teacher's ODE solver unless told otherwise
     data_cfg = pipe.meta.get("config", {}).get("data", {}).get("dataset")
     if data_cfg is None:
         raise ValueError(f"{ckpt}: the checkpoint records no dataset to compare against")
@@ -51,7 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     labels = pipe.labels_for(cfg.n, None)  # a class-conditional model cycles through its classes
     x0 = pipe.sample_latents(
-        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
+        cfg.n, steps=steps, method=solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
         guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size,
     )  # fmt: skip
     media = pipe.codec.decode(x0).cpu()  # the metrics run on the CPU; also waits for the device
@@ -61,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         media, reference, labels=labels, features=cfg.features, inception_path=cfg.inception_path,
         classifier_path=cfg.classifier_path, cache_dir=cache_dir, **pipe.media_options(),
     )  # fmt: skip
-    result = {"checkpoint": str(ckpt), "solver": cfg.solver, "steps": cfg.steps, "n": cfg.n,
+    result = {"checkpoint": str(ckpt), "solver": solver, "steps": steps, "n": cfg.n,
               "sampling_seconds": seconds, **metrics}  # fmt: skip
     print(json.dumps(result, indent=2))
     if cfg.out:

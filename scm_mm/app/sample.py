@@ -45,20 +45,21 @@ def run(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     pipe = SCMPipeline.load(cfg.checkpoint, which=cfg.weights, device=device, **codec_overrides(cfg))
     check_modality(cfg, pipe)
+    solver, steps = pipe.sampler_for(cfg.solver, cfg.steps)  # a teacher's ODE solver unless told otherwise
     labels = cast(list[int], OmegaConf.to_container(cfg.labels)) if cfg.labels is not None else None
     start = time.perf_counter()
     shape = pipe.shape_for(cfg.seconds) if cfg.seconds is not None else None
     if cfg.get("frames") is not None:
         shape = pipe.shape_for_frames(cfg.frames)
     x0 = pipe.sample_latents(
-        cfg.n, steps=cfg.steps, method=cfg.solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
+        cfg.n, steps=steps, method=solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
         guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size, shape=shape,
     )  # fmt: skip
     media = pipe.codec.decode(x0).cpu()  # also waits for the device, so the time below is right
     seconds = time.perf_counter() - start
     out = cfg.out if cfg.out is not None else f"samples/samples{pipe.modality.default_suffix}"
     paths = pipe.save_media(media, out)
-    print(f"{cfg.n} samples in {seconds:.2f} s ({cfg.solver}, {cfg.steps} steps) -> {', '.join(map(str, paths))}")
+    print(f"{cfg.n} samples in {seconds:.2f} s ({solver}, {steps} steps) -> {', '.join(map(str, paths))}")
     return paths
 
 

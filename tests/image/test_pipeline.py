@@ -63,6 +63,14 @@ def test_sample_app_writes_a_png_grid(runs, tmp_path):
         assert image.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16x16 with 2-pixel padding
 
 
+def test_the_apps_sample_a_teacher_with_its_solver_unless_told(runs, tmp_path, capsys):
+    for name, told, expected in (("teacher", [], "(heun, 32 steps)"), ("scd", [], "(consistency, 2 steps)"),
+                                 ("teacher", ["solver=euler", "steps=3"], "(euler, 3 steps)")):  # fmt: skip
+        sample.run(config("sample", [f"checkpoint={runs / name}", "n=1", f"out={tmp_path / 'g.png'}", "device=cpu",
+                                     *told]))  # fmt: skip
+        assert expected in capsys.readouterr().out
+
+
 def test_eval_app_scores_samples(runs, tmp_path):
     clf = train_classifier(MNIST(resolution=16), max_steps=10)
     clf.save(tmp_path / "clf")
