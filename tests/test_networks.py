@@ -629,8 +629,10 @@ def test_rope_jvp_is_the_rotated_tangent() -> None:
 
 def test_jvp_kernel_count_of_the_video_dit() -> None:
     """bench/step_time.py --count-kernels (runs, so it cannot rot), and a guard on what it counts: a JVP of
-    the video DiT-S at 80 tokens launches at most 2.7x the kernels of a forward (2.69x with the rules of
-    scm_mm.nn now; 2.76x before RoPE, the norms' tangent and the residuals took fewer kernels, 2.57x before
+    the video DiT-S at 80 tokens launches at most 2.72x the kernels of a forward (2.71x with the rules of
+    scm_mm.nn now, 1,652 / 610; 2.69x before the attention's forward handed its jvp an fp32 O, or an empty
+    placeholder per call in fp32, which the count takes for fresh memory; 2.76x before RoPE, the norms'
+    tangent and the residuals took fewer kernels, 2.57x before
     the RoPE rotation was built once per forward, which took as many kernels from the forward as from the
     JVP). Counts, not times: a GPU launches each one (docs/benchmarks.md 2)."""
     import re
@@ -642,4 +644,4 @@ def test_jvp_kernel_count_of_the_video_dit() -> None:
     cmd = [sys.executable, str(script), "--nets", "video-dit-s", "--batch", "1", "--shape", "16", "5", "8", "8"]
     out = subprocess.run([*cmd, "--count-kernels", "--device", "cpu"], check=True, capture_output=True, text=True)
     forward, jvp_kernels = map(int, re.search(r"forward (\d+) kernels, JVP (\d+)", out.stdout).groups())
-    assert jvp_kernels <= 2.7 * forward, out.stdout
+    assert jvp_kernels <= 2.72 * forward, out.stdout
