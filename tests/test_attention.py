@@ -322,6 +322,26 @@ def test_auto_takes_xformers_in_the_autocast_dtype(fake_cuda_xformers):
     assert ops.dtypes == [torch.float32, torch.bfloat16]
 
 
+def test_jvp_path_follows_the_autocast_dtype():
+    """Under bf16 autocast with q, k in fp32 and v in bf16, SDPA (no tangent, F) attends in bf16; the JVP
+    path (F-) must too, not in fp32 (review finding 5), with its tangent in bf16 beside it."""
+    q, k, v = _qkv(nq=16, nk=40, d=8, dtype=torch.float32)
+    tq, tk, tv = _qkv(nq=16, nk=40, d=8, dtype=torch.float32, seed=3)
+    v, tv = v.bfloat16(), tv.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = attention(q, k, v)
+        out, t_out = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+        with attention_backend("jvp"):
+            forced = attention(q, k, v)
+    assert ref.dtype == out.dtype == t_out.dtype == forced.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(forced, out, rtol=0, atol=0)  # F and F- through one op: bit-identical
+    # The tangent against float64 on the bf16-rounded inputs and tangents: bf16 rounding of tO only.
+    low = tuple(x.bfloat16().double() for x in (q, k, v, tq, tk, tv))
+    _, t_ref = torch.func.jvp(naive_attention, low[:3], low[3:])
+    torch.testing.assert_close(t_out.double(), t_ref, rtol=0, atol=1e-2 * t_ref.abs().max().item())
+
+
 def test_auto_falls_back_to_sdpa_once_when_xformers_fails(fake_cuda_xformers):
     from scm_mm.nn import attention as dispatch
 

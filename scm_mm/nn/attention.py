@@ -301,6 +301,18 @@ def auto_backends(device: str | torch.device) -> tuple[str, str]:
     return forward, tangent
 
 
+def _autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as autocast hands them to SDPA: fp32/fp16/bf16 in the autocast dtype, fp64 as is
+    (autocast casts no fp64), all unchanged with autocast off. A tangent is cast with its primal, so F
+    (SDPA, no tangent) and F- (a JVP op) attend in one precision; the ops still accumulate in fp32."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    q, k, v = (x if x.dtype == torch.float64 else x.to(dtype) for x in (q, k, v))
+    return q, k, v
+
+
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     xops = _xformers_ops()
     if xops is None:
@@ -339,12 +351,16 @@ def attention(
     scale defaults to D**-0.5; k, v have q's B and H, or 1 there (broadcast).
     Backend "auto" (see `attention_backend`): when a tangent is live, the fused Triton kernel on
     CUDA where it fits (`triton_unsupported`) and `JVPAttention` otherwise; else xformers on CUDA
-    when installed and there is no mask; else `F.scaled_dot_product_attention`.
+    when installed and there is no mask; else `F.scaled_dot_product_attention`. Under autocast
+    every backend attends in the autocast dtype (fp64 excepted), so F and F- have one precision.
     """
     if mask is not None and mask.dtype != torch.bool:
         # SDPA would read a float mask as additive, the JVP ops cannot: F and F- must see one mask.
         raise TypeError(f"attention's mask must be bool (True = attend), got {mask.dtype}")
     backend, live = _backend.get(), tangent_is_live(q, k, v)
+    if live or backend in ("jvp", "triton"):
+        # The JVP ops compute in q's dtype with autocast off: give them what SDPA sees (review finding 5).
+        q, k, v = _autocast_inputs(q, k, v)
     if backend == "auto" and live and _triton_fits(q, k, v, mask):
         return _fused_or_blockwise(q, k, v, mask, scale)
     if backend == "auto":
