@@ -119,7 +119,7 @@ def train_audio_classifier(
     dataset: torch.utils.data.Dataset,   # items (float wave (1, samples), int label in [0, num_classes))
     num_classes: int,                    # classes of the labels
     epochs: int = 4,                     # passes over the dataset
-    batch_size: int = 64,
+    batch_size: int = 64,                # the whole dataset when it is smaller (see fit_classifier)
     lr: float = 3e-3,                    # peak AdamW learning rate of a one-cycle schedule
     seed: int = 0,                       # initialisation, shuffling, augmentation; the global RNG is untouched
     device: str | torch.device = "cpu",

@@ -198,7 +198,7 @@ class ClassifierFeatures(nn.Module):
 def train_classifier(
     dataset: torch.utils.data.Dataset,   # items (uint8 image (C, H, W), int label)
     epochs: int = 6,                     # passes over the dataset
-    batch_size: int = 64,
+    batch_size: int = 64,                # the whole dataset when it is smaller (see fit_classifier)
     lr: float = 3e-3,                    # peak AdamW learning rate of a one-cycle schedule
     seed: int = 0,                       # initialisation and shuffling; the global RNG is left untouched
     device: str | torch.device = "cpu",

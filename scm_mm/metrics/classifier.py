@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from .inception_score import inception_score
 from .precision_recall import precision_recall
 
 Classifier = TypeVar("Classifier", bound=nn.Module)
+FEW_ITEMS = 16  # `fit_classifier` warns when trained on fewer items than this
 
 
 def cached_classifier(
@@ -66,12 +68,22 @@ def fit_classifier(
     max_steps: int | None = None,        # stop early after this many steps (tests)
     log_every: int = 0,                  # print the loss every so many steps; 0: silent
 ) -> nn.Module:
-    """Train `model` with cross-entropy; returns it in eval mode without gradients."""
+    """Train `model` with cross-entropy; returns it in eval mode without gradients. A dataset smaller
+    than `batch_size` trains in batches of all its items (a warning below `FEW_ITEMS`); larger ones
+    train exactly as asked (full batches, the last partial one dropped)."""
+    items = len(dataset)  # type: ignore[arg-type]
+    if items < 1:
+        raise ValueError("the classifier needs a labelled dataset of at least one item, got an empty one")
+    if items < batch_size:  # a small reference set: one batch of all of it per epoch
+        if items < FEW_ITEMS:
+            warnings.warn(f"training the metrics' classifier on {items} items: its features, hence the "
+                          "scores, mean little", RuntimeWarning, stacklevel=2)  # fmt: skip
+        batch_size = items
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
     steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
     if steps < 1:
-        raise ValueError(f"{len(dataset)} items make no full batch of {batch_size}")  # type: ignore[arg-type]
+        raise ValueError(f"fit_classifier takes at least one step, got epochs={epochs}, max_steps={max_steps}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.to(device).train()

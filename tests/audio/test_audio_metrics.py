@@ -159,6 +159,20 @@ def test_classifier_round_trips_and_leaves_global_rng(trained, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_classifier_trains_and_scores_on_a_small_reference_set(recwarn):
+    """Fewer labelled clips than the batch of 64 (was: "20 items make no full batch of 64"): the classifier
+    trains on batches of all 20, as asking for them does, without a warning; below FEW_ITEMS it warns."""
+    waves, midi = tones(PITCHES + PITCHES[:8], seconds=0.25, seed=13)  # 20 clips
+    model = train_audio_classifier(Tones(waves, midi - 60), 12)
+    same = train_audio_classifier(Tones(waves, midi - 60), 12, batch_size=20)
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), same.state_dict().values()))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    out = evaluate_audio(waves[:10], waves, model)
+    assert all(np.isfinite(out[key]) for key in ("fad", "is_mean", "precision", "recall")), out
+    with pytest.warns(RuntimeWarning, match="on 8 items"):
+        train_audio_classifier(Tones(waves[:8], midi[:8] - 60), 12, max_steps=1)
+
+
 def test_classifier_takes_any_length_and_is_level_invariant():
     model = AudioClassifier(num_classes=3).eval()
     for samples in (600, 4000, 16000):  # the centred STFT reflect-pads n_fft // 2: more samples than that

@@ -136,6 +136,20 @@ def test_classifier_learns_and_round_trips(digits, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), other.state_dict().values()))
 
 
+def test_classifier_trains_on_a_small_reference_set(digits, recwarn):
+    """Fewer labelled images than the batch of 64: batches of all 20, as asking for them gives, no warning;
+    below FEW_ITEMS a warning. Sets of at least one batch train as before (the test above)."""
+    images, labels = digits
+    model = train_classifier(Digits(images[:20], labels[:20]), seed=0)
+    same = train_classifier(Digits(images[:20], labels[:20]), batch_size=20, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    out = evaluate_images(images[20:30], images[:20], model)
+    assert np.isfinite(out["fid"]), out
+    with pytest.warns(RuntimeWarning, match="on 8 items"):
+        train_classifier(Digits(images[:8], labels[:8]), max_steps=1)
+
+
 @pytest.mark.slow
 def test_classifier_recipe_on_mnist(digits):
     """The documented recipe: defaults, 4,000 digits to train, 1,000 held out (~10 s on one CPU thread)."""
