@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from scm_mm.metrics.classifier import cached_classifier, extract_features, feature_scores
 from scm_mm.metrics.frechet import FeatureStats
-from scm_mm.metrics.reference import subset_indices
+from scm_mm.metrics.reference import media_batches, subset_indices
 from scm_mm.metrics.timing import median_seconds
 from scm_mm.train.checkpoint import load_into, load_module_folder, save_module_folder
 
@@ -371,15 +371,32 @@ def reference_features(
     frame_net: FrameClassifier,
     max_reference: int = 2000,            # clips scored against: a seeded random subset of this size
     seed: int = 0,                        # which subset (subset_indices); fixed, so scores are reproducible
+    batch_size: int = 100,                # clips read and featurised at a time
+    frame_batch_size: int = 500,          # frames per forward pass of frame_net
 ) -> dict[str, torch.Tensor]:
     """{"video": (M, D) features of M = min(max_reference, len) real clips, "frame": (M T, D') of all their
     frames, "shape": (C, T, H, W) of the clips, "indices": (M,) which clips, "seed"}, to score many generated
     sets against (`video_scores`). The clips are a uniform random subset, not the first M: see
-    `_subset`."""
-    clips, _, indices = _subset(reference, max_reference, seed)
-    return {"video": extract_features(video_net, clips, 100)[0],
-            "frame": extract_features(frame_net, all_frames(clips), 500)[0],
-            "shape": torch.tensor(clips.shape[1:]), "indices": indices, "seed": torch.tensor(seed)}
+    `_subset`. They are read `batch_size` at a time, so memory holds one batch of clips, not all M; the
+    frames are regrouped into forward passes of exactly `frame_batch_size` across clip batches, as the
+    whole stack would be split, so the features do not depend on `batch_size`."""
+    indices = subset_indices(len(reference), max_reference, seed)  # type: ignore[arg-type]
+    if not len(indices):
+        raise ValueError("reference_features needs at least one reference clip, got an empty dataset")
+    video, frame, shape = [], [], None
+    pending: torch.Tensor | None = None  # frames not yet in a full frame batch
+    for clips in media_batches(reference, indices, batch_size):
+        shape = clips.shape[1:]
+        video.append(extract_features(video_net, clips, batch_size)[0])
+        frames = all_frames(clips) if pending is None else torch.cat([pending, all_frames(clips)])
+        full = len(frames) - len(frames) % frame_batch_size
+        if full:
+            frame.append(extract_features(frame_net, frames[:full], frame_batch_size)[0])
+        pending = frames[full:]
+    if pending is not None and len(pending):
+        frame.append(extract_features(frame_net, pending, frame_batch_size)[0])
+    return {"video": torch.cat(video), "frame": torch.cat(frame), "shape": torch.tensor(shape),
+            "indices": indices, "seed": torch.tensor(seed)}
 
 
 @torch.no_grad()

@@ -213,6 +213,30 @@ def test_the_reference_set_is_a_seeded_random_subset_not_the_first_clips():
     assert len(labels.unique()) == 101 and torch.equal(labels, subset_indices(101 * 95, 2000) // 95)
 
 
+def test_reference_features_are_read_in_batches_and_equal_the_stacked_ones():
+    """reference_features reads and featurises batch_size clips at a time (was: all max_reference clips
+    stacked at once), and its features are those of the whole stack, bit for bit: the clips in chunks of
+    batch_size, the frames regrouped into chunks of frame_batch_size across clip batches."""
+    data = ByClass(classes=3, per_class=50)  # 150 clips: two batches of the default 100
+    video_net, frame_net = VideoClassifier(width=4).eval(), FrameClassifier(width=4).eval()
+    clips = torch.stack([data[i][0] for i in subset_indices(150, 150).tolist()])
+    seen = []  # (clips read so far, clips in this forward pass)
+    forward = video_net.forward
+    video_net.forward = lambda media: (seen.append((len(data.read), len(media))), forward(media))[1]
+    data.read.clear()
+    real = reference_features(data, video_net, frame_net)
+    assert seen == [(100, 100), (150, 50)]  # the first batch is scored before the rest is read
+    assert torch.equal(real["video"], metrics.extract_features(video_net, clips, 100)[0])
+    assert torch.equal(real["frame"], metrics.extract_features(frame_net, all_frames(clips), 500)[0])
+    assert real["shape"].tolist() == [1, 3, 8, 8]
+    # Distinct frames, and batches of 4 clips x 5 frames that chunks of 7 frames straddle.
+    squares = MovingSquares(size=11, seed=3)
+    small = reference_features(squares, video_net, frame_net, batch_size=4, frame_batch_size=7)
+    clips = torch.stack([squares[i][0] for i in small["indices"].tolist()])
+    assert torch.equal(small["video"], metrics.extract_features(video_net, clips, 4)[0])
+    assert torch.equal(small["frame"], metrics.extract_features(frame_net, all_frames(clips), 7)[0])
+
+
 def test_frames_per_second_is_frames_over_the_median_call():
     delays = iter([0.5, 0.3, 0.01, 0.01])  # a slow warmup, one slow timed call, two fast ones
 
