@@ -38,11 +38,13 @@ def _make_call(method: str, args: argparse.Namespace, n: int):
     """A closure running `method` once at sequence length n, on fresh random inputs."""
     shape = (args.batch, args.heads, n, args.dim)
     q, k, v, tq, tk, tv = (torch.randn(shape) for _ in range(6))
+    # JVPs under no_grad, as training takes them (the tangent pass of the sCM loss): the blockwise op then
+    # hands its kept probabilities and fp32 output to the tangent.
     if method == "blockwise":
         fn = functools.partial(jvp_attention, block_size=args.block_size)
-        return lambda: torch.func.jvp(fn, (q, k, v), (tq, tk, tv))
+        return torch.no_grad()(lambda: torch.func.jvp(fn, (q, k, v), (tq, tk, tv)))
     if method == "naive":
-        return lambda: torch.func.jvp(naive_attention, (q, k, v), (tq, tk, tv))
+        return torch.no_grad()(lambda: torch.func.jvp(naive_attention, (q, k, v), (tq, tk, tv)))
     return lambda: F.scaled_dot_product_attention(q, k, v)
 
 

@@ -61,7 +61,7 @@ def make_call(method: str, shape: tuple[int, ...], device: str, dtype: torch.dty
 
         return torch.no_grad()(lambda: torch.func.jvp(triton_attention, (q, k, v), (tq, tk, tv)))
     fn = functools.partial(jvp_attention, block_size=block) if method == "jvp op" else naive_attention
-    return lambda: torch.func.jvp(fn, (q, k, v), (tq, tk, tv))
+    return torch.no_grad()(lambda: torch.func.jvp(fn, (q, k, v), (tq, tk, tv)))  # as training takes them
 
 
 def measure(call: Callable, device: str, repeats: int) -> tuple[float, float | None]:
