@@ -54,6 +54,21 @@ def test_resume_auto_skips_an_unreadable_checkpoint_naming_why(tmp_path, name):
     assert ckpt.resume_source("auto", tmp_path / "new", required=ckpt.TRAIN_FILES) is None  # a new run
 
 
+def test_loading_a_run_skips_an_unreadable_newest_checkpoint(tmp_path):
+    """Sampling, evaluation and a student's teacher read a run through resolve_checkpoint: past a crash's
+    cut-short checkpoint as resume does, and a checkpoint named explicitly stays that one."""
+    save(tmp_path, 1)
+    newest = save(tmp_path, 2)
+    assert ckpt.resolve_checkpoint(tmp_path) == newest
+    cut(newest / "model.safetensors")
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {newest}: model.safetensors is cut short"):
+        assert ckpt.resolve_checkpoint(tmp_path).name == "iter-000000001"
+    assert ckpt.resolve_checkpoint(newest) == newest
+    cut(tmp_path / "checkpoints" / "iter-000000001" / "ema.safetensors")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="cannot be loaded"):
+        ckpt.resolve_checkpoint(tmp_path)
+
+
 def test_orphans_of_killed_writers_are_removed_at_the_start_but_not_a_live_writers(tmp_path, capsys):
     save(tmp_path, 1)
     save(tmp_path, 2)

@@ -70,17 +70,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path, marker: str = "meta.json") -> Path:
-    """A run directory (its latest checkpoint), a checkpoint directory (it holds `marker`: meta.json for
-    the training loop's, state.pt for the autoencoder's and vocoder's), or a file inside one."""
+    """A run directory (its newest checkpoint that can be read, see `newest_readable`), a checkpoint
+    directory (it holds `marker`: meta.json for the training loop's, state.pt for the autoencoder's and
+    vocoder's), or a file inside one."""
     path = Path(path)
     if path.is_file():
         path = path.parent
     if (path / marker).is_file():
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    if not list_checkpoints(path):
         raise _no_checkpoint(path, marker)
-    return latest
+    return newest_readable(path, (marker,), "loaded")
+
+
+def newest_readable(run: Path, files: Sequence[str], purpose: str) -> Path:
+    """The newest checkpoint of `run` that `checkpoint_problem` passes; a newer one that it does not (left
+    by a crash) is skipped with a warning naming it and why. None readable: a ValueError listing them."""
+    unreadable = []
+    for checkpoint in reversed(list_checkpoints(run)):
+        problem = checkpoint_problem(checkpoint, files)
+        if problem is None:
+            return checkpoint
+        warnings.warn(f"skipping checkpoint {checkpoint}: {problem}; trying the one before", stacklevel=3)
+        unreadable.append(f"  {checkpoint.name}: {problem}")
+    raise ValueError(
+        f"no checkpoint of {run} can be read, so the run cannot be {purpose}:\n" + "\n".join(unreadable)
+        + f"\nRepair them, or move them out of {run / CHECKPOINT_DIR}."
+    )  # fmt: skip
 
 
 def _no_checkpoint(path: Path, marker: str) -> FileNotFoundError:
@@ -176,22 +192,11 @@ def resume_source(
             if problem := checkpoint_problem(run, files):
                 raise ValueError(f"cannot resume from {run}: {problem}")
             return run
-    found = list_checkpoints(run)
-    if not found:
+    if not list_checkpoints(run):
         if resume == "auto":
             return None  # a new run
         raise _no_checkpoint(run, marker)
-    unreadable = []
-    for checkpoint in reversed(found):
-        problem = checkpoint_problem(checkpoint, files)
-        if problem is None:
-            return checkpoint
-        warnings.warn(f"skipping checkpoint {checkpoint}: {problem}; trying the one before", stacklevel=2)
-        unreadable.append(f"  {checkpoint.name}: {problem}")
-    raise ValueError(
-        f"no checkpoint of {run} can be read, so the run cannot resume:\n" + "\n".join(unreadable)
-        + f"\nRepair them, or move them out of {run / CHECKPOINT_DIR} to start the run over."
-    )  # fmt: skip
+    return newest_readable(run, files, "resumed")
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, newest: int) -> None:
