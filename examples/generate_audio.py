@@ -20,20 +20,16 @@ of a CFG-distilled sCD student only: teachers, sCT students and students of unla
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
 
 from scm_mm.app import train
+from scm_mm.data import user_cache
 from scm_mm.samplers import ODE_SAMPLERS
 from scm_mm.train.checkpoint import CHECKPOINT_DIR, resolve_checkpoint
 from scm_mm_audio import AudioSCM
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SCM_MM_CACHE", Path.home() / ".cache" / "scm-mm"))
 
 
 def train_recipe(root: Path, iters: dict[str, int | None]) -> tuple[Path, Path]:
@@ -92,7 +88,7 @@ def main() -> None:
     else:
         iters = {"notes_teacher": args.teacher_iters, "notes_scd": args.student_iters,
                  "notes_vocoder": args.vocoder_iters}  # fmt: skip
-        run, trained_vocoder = train_recipe(args.cache or cache_root(), iters)
+        run, trained_vocoder = train_recipe(args.cache or user_cache(), iters)
         vocoder = vocoder or trained_vocoder
     vocoder = None if vocoder == "griffin-lim" else vocoder
     print(f"vocoder: {vocoder or 'Griffin-Lim'}")

@@ -17,19 +17,15 @@ of a CFG-distilled sCD student only (method.guidance_input=true): other models h
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
 
 from scm_mm.app import train
+from scm_mm.data import user_cache
 from scm_mm.samplers import ODE_SAMPLERS
 from scm_mm_image import ImageSCM
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SCM_MM_CACHE", Path.home() / ".cache" / "scm-mm"))
 
 
 def train_recipe(root: Path, teacher_iters: int | None = None, student_iters: int | None = None) -> Path:
@@ -65,7 +61,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    run = args.checkpoint or train_recipe(args.cache or cache_root(), args.teacher_iters, args.student_iters)
+    run = args.checkpoint or train_recipe(args.cache or user_cache(), args.teacher_iters, args.student_iters)
     model = ImageSCM.load(run)
     method, steps = model.sampler_for(args.method, args.steps)
     model.generate(args.n, steps=steps, guidance=args.guidance, seed=args.seed, method=method,

@@ -19,20 +19,16 @@ of a CFG-distilled sCD student only: teachers and sCT students have none.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
 
 from scm_mm.app import train
+from scm_mm.data import user_cache
 from scm_mm.samplers import ODE_SAMPLERS
 from scm_mm_video import VideoSCM
 from scm_mm_video.io import write_frame_strip
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SCM_MM_CACHE", Path.home() / ".cache" / "scm-mm"))
 
 
 def train_recipe(root: Path, iters: dict[str, int | None], clips: int | None = None) -> Path:
@@ -84,7 +80,7 @@ def main() -> None:
     else:
         iters = {"digits_vae": args.vae_iters, "digits_teacher": args.teacher_iters,
                  "digits_scd": args.student_iters}  # fmt: skip
-        run = train_recipe(args.cache or cache_root(), iters, args.clips)
+        run = train_recipe(args.cache or user_cache(), iters, args.clips)
     model = VideoSCM.load(run)
     method, steps = model.sampler_for(args.method, args.steps)
     videos = model.generate(args.n, steps=steps, frames=args.frames, guidance=args.guidance, seed=args.seed,

@@ -112,6 +112,11 @@ class RandomViews(Dataset):
         return self.view(item, draw_generator(index)).float(), self.labels[index]
 
 
+def user_cache() -> Path:
+    """The user's cache folder: $SCM_MM_CACHE, else ~/.cache/scm-mm (the examples' runs, audio folder scans)."""
+    return Path(os.environ.get("SCM_MM_CACHE", Path.home() / ".cache" / "scm-mm"))
+
+
 def files_digest(paths: Iterable[Path], root: Path) -> str:
     """sha256 (hex) of each file's path relative to `root`, byte size and modification time (ns), in the
     order given: the part of a folder dataset's fingerprint that changes when a file is added, removed,

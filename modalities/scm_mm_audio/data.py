@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from scm_mm.data import View
+from scm_mm.data import View, user_cache
 
 from .io import AudioReadError, fit_length, load_audio
 
@@ -508,7 +508,7 @@ def _list_nsynth(root: Path, label: str) -> _Listing:
 
 def manifest_folder() -> Path:
     """Where manifest="auto" caches folder scans: $SCM_MM_CACHE/audio-manifests (default ~/.cache/scm-mm)."""
-    return Path(os.environ.get("SCM_MM_CACHE", Path.home() / ".cache" / "scm-mm")) / "audio-manifests"
+    return user_cache() / "audio-manifests"
 
 
 def _content_key(root: Path, listing: _Listing, settings: dict[str, Any]) -> str:

@@ -114,7 +114,7 @@ class JVPAttention(torch.autograd.Function):
         # else summed again here.
         q, k, v, out, lse, mask, probs, out_acc = ctx.saved_tensors
         acc, bs = _acc_dtype(q), ctx.block_size
-        o, o_sum = (out, None) if out.dtype == acc else (out_acc, None)
+        o, o_sum = out if out.dtype == acc else out_acc, None
         if not o.numel():  # not kept: sum_j P_ij V_j again
             o = o_sum = torch.zeros_like(out, dtype=acc)
         qs = q.to(acc) * ctx.scale
