@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from .modality import Codec, without_location
+from .train.distributed import DistInfo, barrier
 
 
 def _as_item(media: Any, label: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +145,8 @@ def cache_key(raw: Dataset, codec: Codec) -> str:
 def encode_all(raw: Dataset, codec: Codec, batch_size: int = 64, num_workers: int = 0) -> TensorPairs:
     """Encode a whole raw dataset in batches (latents stored in fp16: half the disk, ample precision), into
     one tensor allocated at the first batch: one copy of the encodings in memory (ImageNet-512's latents
-    take 42 GB), not a list of batches and their concatenation."""
-    name = type(raw).__name__
+    take 42 GB), not a list of batches and their concatenation. Workers read the raw items."""
+    name = _name(raw)
     loader = DataLoader(raw, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=functools.partial(_collate, name=name))  # fmt: skip
     n = len(raw)  # type: ignore[arg-type]
@@ -167,6 +168,11 @@ def encode_all(raw: Dataset, codec: Codec, batch_size: int = 64, num_workers: in
     return TensorPairs(x0, labels, int(getattr(raw, "num_classes", 0)))
 
 
+def _name(raw: Dataset) -> str:
+    """The raw dataset's class name for messages (of the whole dataset for one rank's share)."""
+    return type(raw.dataset if isinstance(raw, Subset) else raw).__name__
+
+
 def _collate(items: list[tuple[Any, Any]], name: str = "the raw dataset") -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [_as_item(m, y) for m, y in items]
     shapes = sorted({tuple(m.shape) for m, _ in pairs})
@@ -177,14 +183,12 @@ def _collate(items: list[tuple[Any, Any]], name: str = "the raw dataset") -> tup
 
 
 @torch.no_grad()
-def encode_whole(source: Dataset, codec: Codec, batch_size: int = 64) -> dict[str, torch.Tensor]:
+def encode_whole(source: Dataset, codec: Codec, batch_size: int = 64, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """Encode items of any length along the last axis, batching neighbours of one shape: {"x0": the
     encodings end to end (*lead, total), fp16, "lengths": (N,), "labels": (N,)} (RandomViews' tensors)."""
     pieces: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    n = len(source)  # type: ignore[arg-type]
-    for start in range(0, n, batch_size):
-        chunk = [_as_item(*source[i]) for i in range(start, min(start + batch_size, n))]
+    for chunk in DataLoader(source, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_items):
         for _, same in itertools.groupby(chunk, key=lambda item: tuple(item[0].shape)):
             group = list(same)
             pieces += codec.encode(torch.stack([m for m, _ in group])).to("cpu", torch.float16).unbind(0)
@@ -199,39 +203,77 @@ def encode_whole(source: Dataset, codec: Codec, batch_size: int = 64) -> dict[st
     }
 
 
+def _as_items(items: list[tuple[Any, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [_as_item(m, y) for m, y in items]
+
+
 def training_set(
     raw: Dataset,
     codec: Codec,
     cache_dir: str | Path | None = None,  # where cached encodings live; None: never cache
     batch_size: int = 64,                 # encoding batch size
+    num_workers: int = 0,                 # DataLoader workers that read the raw items for encoding
+    info: DistInfo | None = None,         # under torchrun: each rank encodes its share (see _cached)
 ) -> Dataset:
     """The dataset of (x0, label) to train on: lazily encoded, or encoded once and cached (random views:
     their source encoded once and cached, each view cut when drawn; see the module docstring)."""
     if not codec.cacheable:
         return EncodedDataset(raw, codec)
     num_classes = int(getattr(raw, "num_classes", 0))
+    info = info or DistInfo()
     views = raw.random_views(codec) if hasattr(raw, "random_views") else None
     if views is None:
-        tensors = _cached(raw, codec, cache_dir, "encoded", lambda: encode_all(raw, codec, batch_size).tensors())
+        items = functools.partial(encode_all, codec=codec, batch_size=batch_size, num_workers=num_workers)
+        tensors = _cached(raw, codec, cache_dir, "encoded", lambda share: items(share).tensors(), info)
         return TensorPairs(tensors["x0"], tensors["labels"], num_classes)
     source, view = views
-    tensors = _cached(source, codec, cache_dir, "views", lambda: encode_whole(source, codec, batch_size))
+    whole = functools.partial(encode_whole, codec=codec, batch_size=batch_size, num_workers=num_workers)
+    tensors = _cached(source, codec, cache_dir, "views", whole, info)
     return RandomViews(tensors["x0"], tensors["lengths"], tensors["labels"], view, num_classes)
 
 
+Encode = Callable[[Dataset], dict[str, torch.Tensor]]
+_JOIN_DIMS = {"encoded": {"x0": 0, "labels": 0}, "views": {"x0": -1, "lengths": 0, "labels": 0}}  # shards' axes
+
+
 def _cached(
-    raw: Dataset, codec: Codec, cache_dir: str | Path | None, kind: str, encode: Callable[[], dict[str, torch.Tensor]]
+    raw: Dataset, codec: Codec, cache_dir: str | Path | None, kind: str, encode: Encode, info: DistInfo
 ) -> dict[str, torch.Tensor]:
-    """The tensors `encode()` gives, read from `cache_dir` if an earlier run wrote them, else written there."""
+    """The tensors `encode(raw)` gives, read from `cache_dir` if an earlier run wrote them, else written there.
+
+    Under torchrun each rank encodes a contiguous share of the items into a part file, and rank 0 joins
+    the parts in order: the cache is the one a single process writes, in a world-size-th of the time. A
+    part a killed run finished is kept and not encoded again. Without a cache folder every rank encodes
+    everything."""
     if cache_dir is None:
-        return encode()
+        return encode(raw)
     path = Path(cache_dir) / f"{kind}-{cache_key(raw, codec)}.safetensors"
     if path.exists():
         return load_file(str(path))
-    tensors = encode()
+    meta = {"fingerprint": str(getattr(raw, "fingerprint", "")), "codec": json.dumps(codec.state(), default=str)}
+    if not info.enabled:
+        tensors = encode(raw)
+        _save_atomically(tensors, path, meta)
+        return tensors
+    n = len(raw)  # type: ignore[arg-type]
+    shares = min(info.world_size, n)  # ranks beyond the item count have nothing to encode
+    bounds = [n * r // shares for r in range(shares + 1)]
+    parts = [path.with_name(f"{path.stem}.part{r}-of-{shares}{path.suffix}") for r in range(shares)]
+    if info.rank < shares and not parts[info.rank].exists():
+        share = Subset(raw, range(bounds[info.rank], bounds[info.rank + 1]))
+        _save_atomically(encode(share), parts[info.rank], meta)
+    barrier(info)
+    if info.is_main:
+        loaded = [load_file(str(part)) for part in parts]
+        _save_atomically({k: torch.cat([p[k] for p in loaded], dim) for k, dim in _JOIN_DIMS[kind].items()}, path, meta)
+        for part in path.parent.glob(f"{path.stem}.part*"):  # this run's parts and any from other world sizes
+            part.unlink()
+    barrier(info)
+    return load_file(str(path))
+
+
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    meta = {"fingerprint": str(getattr(raw, "fingerprint", "")), "codec": json.dumps(codec.state(), default=str)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)  # atomic: a killed encoder never leaves a half-written cache behind
-    return tensors

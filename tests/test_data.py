@@ -2,14 +2,17 @@
 the cached training set."""
 
 import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from scm_mm import DiffusionLoss, TrigFlowPrecond
 from scm_mm.data import RandomViews, encode_all, files_digest, training_set
 from scm_mm.train.checkpoint import build_from_spec
+from scm_mm.train.distributed import init_distributed
 from scm_mm.train.loop import TrainOptions, train
 
 NET = {
@@ -198,3 +201,67 @@ def test_in_workers_a_view_follows_the_loaders_seed_and_the_index_not_the_worker
     epoch, resumed, other = views(0, [20, 21, 22, 23]), views(0, [21, 22, 23]), views(1, [20, 21, 22, 23])
     assert all(torch.equal(epoch[i], resumed[i]) for i in resumed)  # item 21 now lands on the other worker
     assert not all(torch.equal(epoch[i], other[i]) for i in epoch)  # another epoch's loader: other views
+
+
+# --- encoding shared by the ranks of a torchrun job (2 gloo processes) --------------------------------
+
+
+class Fragile(Counted):
+    """Counted with 7 items, each saying which process read it; item `broken` raises."""
+
+    fingerprint = "fragile-7"
+
+    def __init__(self, broken: int = -1) -> None:
+        super().__init__()
+        self.broken = broken
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, i: int):
+        if i == self.broken:
+            raise OSError(f"item {i} is unreadable")
+        return super().__getitem__(i)
+
+
+def _encode_worker(rank: int, port: int, cache: str, broken: int, out: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)  # as torchrun sets them
+    info = init_distributed("cpu")
+    raw, strips = Fragile(broken), Strips(10)
+    items = training_set(raw, Scale(), cache, batch_size=2, info=info)
+    views = training_set(strips, Scale(), cache, batch_size=3, info=info)
+    out[rank] = raw.read, items.x0.clone(), items.labels.clone(), strips.read, views.x0.clone(), views.lengths.clone()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_encoders(cache, broken: int = -1) -> dict:
+    out = mp.Manager().dict()
+    mp.spawn(_encode_worker, args=(_free_port(), str(cache), broken, out), nprocs=2, join=True)
+    return dict(out)
+
+
+def test_ranks_encode_their_shares_into_the_cache_one_process_writes(tmp_path):
+    """Under torchrun each rank encodes a contiguous share and rank 0 joins them: the same cache as one process
+    (both kinds: items, and random views' whole sources), each item read once; a killed run's finished part is
+    kept and only the rest encoded again."""
+    single = training_set(Fragile(), Scale(), tmp_path / "single")
+    single_views = training_set(Strips(10), Scale(), tmp_path / "single")
+
+    with pytest.raises(mp.ProcessRaisedException, match="item 5 is unreadable"):  # rank 1's share is 3..6
+        _spawn_encoders(tmp_path / "shared", broken=5)
+    assert [p.name.split(".")[1] for p in (tmp_path / "shared").glob("*.part*")] == ["part0-of-2"]
+    out = _spawn_encoders(tmp_path / "shared")
+    assert out[0][0] == 0 and out[1][0] == 4  # rank 0's part kept; rank 1 read 3..6 again
+    assert out[0][3] == 5 and out[1][3] == 5  # the views' sources: 10 strips split evenly
+    for rank in (0, 1):
+        _, x0, labels, _, views, lengths = out[rank]
+        assert torch.equal(x0, single.x0) and torch.equal(labels, single.labels)
+        assert torch.equal(views, single_views.x0) and torch.equal(lengths, single_views.lengths)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "shared").iterdir()) == ["encoded", "views"]  # no parts

@@ -2,6 +2,8 @@
 
 import os
 import socket
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scm_mm import SCMLoss, TrigFlowPrecond
 from scm_mm.nn.dit import DiT
+from scm_mm.train.distributed import barrier, init_distributed
 
 B = 4  # per rank
 
@@ -61,3 +64,34 @@ def test_ddp_gradients_equal_single_process_gradients():
     loss.backward()
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
     torch.testing.assert_close(out[0], flat_grads(student), rtol=1e-10, atol=1e-12)
+
+
+def _waiting_worker(rank: int, port: int, out: dict) -> None:
+    """The default group times out after 2 s (as NCCL's does after 10 minutes); rank 0 works alone for 4 s."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=2))
+    info = init_distributed("cpu")  # joins nothing more; adds the host group
+    if rank == 0:
+        time.sleep(4)
+    barrier(info)
+    out["host", rank] = "passed"
+    if rank == 0:
+        time.sleep(4)
+    try:  # the control: the same wait on the default group
+        dist.barrier()
+        out["default", rank] = "passed"
+    except RuntimeError:
+        out["default", rank] = "timed out"
+
+
+def test_barrier_waits_past_the_default_groups_timeout():
+    """Ranks waiting while rank 0 works alone (encoding, a checkpoint, an evaluation) wait on the host group,
+    whose timeout is hours, not on the default group, whose collectives NCCL aborts after 10 minutes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_waiting_worker, args=(port, out), nprocs=2, join=True)
+    assert out["host", 0] == out["host", 1] == "passed"
+    assert out["default", 1] == "timed out"

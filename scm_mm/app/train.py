@@ -24,7 +24,7 @@ from scm_mm.modality import codec_to, get_modality
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_teacher
 from scm_mm.train.checkpoint import canonical_spec, read_meta, resolve_checkpoint
-from scm_mm.train.distributed import barrier, init_distributed
+from scm_mm.train.distributed import init_distributed
 from scm_mm.train.loop import TrainOptions, train
 
 CONFIG_PATH = "pkg://scm_mm_configs"
@@ -92,11 +92,7 @@ def run(cfg: DictConfig) -> Any:
         else:
             codec = codec.fit(raw)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir.parent / ".cache"
-    if not info.is_main:  # rank 0 encodes (and caches) the data first; the others then read the cache
-        barrier(info)
-    dataset = training_set(raw, codec, cache_dir)
-    if info.is_main:
-        barrier(info)
+    dataset = training_set(raw, codec, cache_dir, num_workers=cfg.train.num_workers, info=info)  # ranks share encoding
     sample_shape = list(dataset[0][0].shape)
     if list(cfg.data.shape) != sample_shape:
         raise ValueError(f"data.shape is {list(cfg.data.shape)} but the codec gives samples of shape {sample_shape}")

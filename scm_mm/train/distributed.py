@@ -8,8 +8,9 @@ Hydra submitit launcher starts one task per GPU). A single process needs nothing
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    host_group: Any = field(default=None, compare=False, repr=False)  # see init_distributed
 
     @property
     def is_main(self) -> bool:
@@ -42,10 +44,17 @@ def _export_slurm_environment() -> None:
     TorchDistributedEnvironment().export()
 
 
-def init_distributed(device: str = "auto", backend: str | None = None) -> DistInfo:
+def init_distributed(
+    device: str = "auto",                       # "auto" (CUDA if available), "cpu" or "cuda"
+    backend: str | None = None,                 # None: nccl on CUDA, gloo on CPU
+    wait_timeout: timedelta = timedelta(hours=6),
+) -> DistInfo:
     """Join the process group if the environment describes one; pick this rank's device.
 
-    device: "auto" (CUDA if available), "cpu" or "cuda". backend: None = nccl on CUDA, gloo on CPU.
+    Beside the default group, a gloo group with a long timeout (`DistInfo.host_group`) carries `barrier`:
+    the ranks wait there while some do work of their own (encoding their share of a dataset, rank 0
+    writing a checkpoint or evaluating), which can outlast NCCL's 10-minute collective timeout. A rank
+    that dies closes its connections, so the others fail at once rather than at the timeout.
     """
     _export_slurm_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,12 +68,14 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistIn
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, dev)
+    host_group = dist.new_group(backend="gloo", timeout=wait_timeout) if world_size > 1 else None
+    return DistInfo(rank, world_size, local_rank, dev, host_group)
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank, on the host group (the default group for a DistInfo built without one)."""
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=info.host_group)
 
 
 def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:

@@ -52,7 +52,7 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
-from .distributed import DistInfo, Strategy, per_rank_batch, wrap_model
+from .distributed import DistInfo, Strategy, barrier, per_rank_batch, wrap_model
 from .ema import EMA, PowerEMA
 from .step import apply_gradients
 
@@ -468,8 +468,7 @@ def train(
                 run_dir, it, model=model_sd, ema=averages, state=state, meta=meta or {},
                 rank_states=dict(enumerate(rank_states)), keep_last=options.keep_last,
             )  # fmt: skip
-        if info.enabled:
-            dist.barrier()
+        barrier(info)
         return path
 
     while it < options.iters and (stop_at is None or it < stop_at):
@@ -551,8 +550,7 @@ def train(
                     if writer is not None:
                         writer.add_scalar(f"eval/{key}", value, it)
                 tqdm.write(f"iteration {it}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            if info.enabled:
-                dist.barrier()
+            barrier(info)
         if _due(it, options.ckpt_every) or done:
             result.checkpoint = save()
 

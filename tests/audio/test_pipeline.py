@@ -8,6 +8,7 @@ import importlib.util
 import os
 import runpy
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from helpers import config
 
 from scm_mm.app import evaluate, sample, train
 from scm_mm.pipeline import SCMPipeline
-from scm_mm.train.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
+from scm_mm.train.checkpoint import list_checkpoints, load_weights, read_meta, resolve_checkpoint
 from scm_mm_audio import AudioSCM
 from scm_mm_audio.codec import GriffinLim
 from scm_mm_audio.data import SynthNotes
@@ -172,3 +173,24 @@ def test_generate_audio_example_trains_caches_and_reuses(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("n-*.wav")) == ["n-000.wav", "n-001.wav"]
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)  # reuses: no new iterations
     assert "resumed from" in again.stdout + again.stderr
+
+
+def test_scm_mm_train_under_torchrun_equals_one_process(tmp_path):
+    """scm-mm-train on 2 gloo processes through torchrun: the ranks encode their halves of the mel cache, train
+    with the global batch split between them, and end with the weights of one process on the whole batch."""
+    overrides = ["experiment=notes_teacher", "train.iters=2", "train.ckpt_every=0", "train.sample_every=0",
+                 f"cache_dir={tmp_path / 'cache'}", *TINY]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    done = subprocess.run([*launch, "-m", "scm_mm.app.train", f"run_dir={tmp_path / 'two'}", *overrides],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["encoded"]  # joined, no parts left
+    train.run(config("train", [f"run_dir={tmp_path / 'one'}", *overrides]))
+    two, one = (load_weights(resolve_checkpoint(tmp_path / name), "model") for name in ("two", "one"))
+    assert two.keys() == one.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
