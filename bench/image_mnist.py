@@ -14,7 +14,8 @@ s ~ U[1, 2] with the scale fed to the student). docs/benchmarks.md 5b-5d, 5h and
 choice; 5f, 5j and 5k, the variants that did not help (`--student-cooldown`, `--student-clip`, `--tangent-norm`,
 `--student-beta2`, a slower decay).
 FID is computed in the feature space of a small classifier trained on the same digits (the SC09
-recipe), against all 5,000 real digits, with the same number of samples for every model, averaged
+recipe), against all 5,000 real digits (`--holdout N`: against N digits that neither the networks nor the
+classifier train on), with the same number of samples for every model, averaged
 over three seeds (one seed's FID moves by about 0.2 here); all samples are class-balanced and
 unguided (s = 1). Students are scored on three power-EMA averages; their own is the one with the best
 2-step FID on seeds 1-3 (`--select-seeds`), and every reported score uses other seeds, 4-6 (`--seeds`),
@@ -38,9 +39,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.data import training_set
+from scm_mm.metrics import subset_indices
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_model, load_teacher
 from scm_mm.train.loop import TrainOptions, train
@@ -82,12 +85,39 @@ def parse() -> argparse.Namespace:
     p.add_argument("--train-seed", type=int, default=0, help="seed of the networks' init and of training (a replicate)")
     p.add_argument("--speed-rounds", type=int, default=5, help="rounds of the side-by-side speed ratio")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="digits held out of training (seeded, uniform) as the FID reference; 0: all 5,000")  # fmt: skip
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="Heun and DPM-Solver++")
     p.add_argument("--dpmpp-steps", type=int, nargs="*", default=[64, 128],
                    help="DPM-Solver++(2M) alone at these steps too (one NFE a step)")  # fmt: skip
     p.add_argument("--churn", type=float, nargs="*", default=[],
                    help="also score the teacher with EDM's stochastic Heun at these S_churn values")  # fmt: skip
     return p.parse_args()
+
+
+class Digits(Subset):
+    """Some of the MNIST digits, labelled 0-9."""
+
+    num_classes = 10
+
+
+def split_digits(args: argparse.Namespace, out: Path) -> tuple[Digits, torch.Tensor]:
+    """(the digits to train on, the uint8 reference images of FID): all 5,000 both, or with --holdout N a
+    seeded uniform N held out as the reference and the rest to train on. The split is recorded in
+    out/data.json, and another split in the same folder is refused: its runs were trained on other digits."""
+    digits = MNIST(resolution=args.resolution)
+    setting = {"resolution": args.resolution, "holdout": args.holdout}
+    record = out / "data.json"
+    if record.exists() and json.loads(record.read_text()) != setting:
+        raise SystemExit(f"{out} holds runs of {record.read_text()}, not {setting}: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(setting))
+    trained = torch.ones(len(digits), dtype=torch.bool)
+    if args.holdout:
+        trained[subset_indices(len(digits), args.holdout, seed=0)] = False
+    reference = ~trained if args.holdout else trained
+    real = torch.stack([digits[i][0] for i in reference.nonzero()[:, 0].tolist()])  # uint8 (N, 1, R, R)
+    return Digits(digits, trained.nonzero()[:, 0].tolist()), real
 
 
 def main() -> None:
@@ -97,12 +127,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    data = MNIST(resolution=args.resolution)
+    data, real = split_digits(args, out)
     codec = PixelCodec(sigma_d=0.5)
     dataset = training_set(data, codec)
-    real = torch.stack([data[i][0] for i in range(len(data))])  # uint8 (5000, 1, R, R)
 
-    # Feature space: a classifier trained on the same digits (cached).
+    # Feature space: a classifier trained on the training digits (cached).
     clf_dir = out / "classifier"
     if (clf_dir / "model.safetensors").exists():
         classifier = ClassifierFeatures.load(clf_dir)

@@ -2,6 +2,7 @@
 
     python bench/step_time.py                 # U-Net and DiT, CPU, a few minutes
     python bench/step_time.py --nets dit --batch 8 --repeats 10
+    python bench/step_time.py --nets dit unet --cfg        # class-conditional, sCD distilling with CFG
     python bench/step_time.py --nets imagenet64-S video-dit-s --precision bf16 --batch 8   # GPU (issue 6)
     python bench/step_time.py --nets video-dit-s --batch 1 --shape 16 5 8 8 --tangent-method jvp func_jvp
     python bench/step_time.py --nets video-dit-s --precision bf16 --tangent-method jvp cuda_graph_jvp   # GPU
@@ -12,7 +13,10 @@ no_grad; --tangent-method: dual tensors, torch.func.jvp, the dual JVP replayed f
 (scm_mm.jvp.CUDAGraphJVP, a GPU only), one row each) and its second forward
 (with grad); the sCD step adds the teacher's forward too. The no-grad forward and JVP alone are timed as
 well, to show where the time goes: the two-pass design costs at least (teacher step + JVP + forward) /
-teacher step. All kinds of step are timed in rounds (teacher, forward, sCT, sCD, JVP, teacher, ...) so
+teacher step. --cfg makes every net class-conditional, trained on random labels: the sCD student takes
+the CFG scale as an input and its teacher's velocity is the guided one, cond + uncond (App. G.2), as in the
+paper's class-conditional distillation runs; the teacher step is then the labelled diffusion step with
+label dropout. All kinds of step are timed in rounds (teacher, forward, sCT, sCD, JVP, teacher, ...) so
 that machine noise hits all of them alike; the table gives medians and the ratios of medians.
 Targets (issue 2): sCT <= 1.6x, sCD <= 2.0x a teacher step. The paper's presets: the EDM2 ImageNet-64 S
 U-Net (280M) on 64x64x3 pixels, and the video DiT-S on the latent of 17 frames at 256x256 through a
@@ -30,7 +34,6 @@ the JVP was bound by issuing work (docs/benchmarks.md 9b); on the CPU the count 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -48,15 +51,17 @@ from scm_mm_video.presets import build_video_net
 
 NETS = {
     # A CIFAR-like pixel U-Net and a latent DiT, sized so one step takes about a second on 2 cores.
-    "unet": (lambda: UNet(3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,)), (3, 32, 32)),
-    "dit": (lambda: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4), (4, 32, 32)),
+    "unet": (lambda **kw: UNet(3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,), **kw),
+             (3, 32, 32)),  # fmt: skip
+    "dit": (lambda **kw: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4, **kw), (4, 32, 32)),
     # The MNIST bench's net (bench/image_mnist.py; trained at batch 128 there).
-    "mnist-tiny": (lambda: build_unet("mnist-tiny"), (1, 16, 16)),
+    "mnist-tiny": (lambda **kw: build_unet("mnist-tiny", **kw), (1, 16, 16)),
     # The paper-scale presets, for a GPU.
-    "imagenet64-S": (lambda: build_unet("imagenet64-S"), (3, 64, 64)),
-    "imagenet512-XXL": (lambda: build_unet("imagenet512-XXL"), (4, 64, 64)),  # 1.5B, on SD-VAE latents
-    "video-dit-s": (lambda: build_video_net("video-dit-s", 16), (16, 5, 32, 32)),
+    "imagenet64-S": (lambda **kw: build_unet("imagenet64-S", **kw), (3, 64, 64)),
+    "imagenet512-XXL": (lambda **kw: build_unet("imagenet512-XXL", **kw), (4, 64, 64)),  # 1.5B, on SD-VAE latents
+    "video-dit-s": (lambda **kw: build_video_net("video-dit-s", 16, **kw), (16, 5, 32, 32)),
 }
+CLASSES = {"unet": 10, "dit": 10, "mnist-tiny": 10, "imagenet64-S": 1000, "imagenet512-XXL": 1000, "video-dit-s": 101}
 
 
 def timed(fn, *args) -> float:
@@ -105,14 +110,18 @@ def bench_net(
     tangent_methods: Sequence[str] = ("jvp",),
     profile: bool = False,
     count_kernels: bool = False,
+    cfg: bool = False,  # class labels: the sCD teacher runs with CFG, the student takes the scale (App. G.2)
 ) -> dict[str, float]:
     """Median seconds of each kind of step; one table row per tangent method, all timed in the same rounds.
     With count_kernels, the kernels of one forward and one JVP per method, untimed."""
     build, default_shape = NETS[name]
     shape = tuple(shape or default_shape)
+    classes = {"num_classes": CLASSES[name]} if cfg else {}
     torch.manual_seed(0)
-    student = TrigFlowPrecond(build()).to(device)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher = TrigFlowPrecond(build(**classes)).to(device).eval().requires_grad_(False)
+    student = TrigFlowPrecond(build(**classes, guidance_embed=cfg)).to(device)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all("guidance" in key for key in missing)  # zero-initialised, as sCD starts
     params = sum(p.numel() for p in student.net.parameters())
     opt = torch.optim.Adam(student.parameters(), lr=1e-5)
     x0 = torch.randn(batch, *shape, device=device) * 0.5
@@ -121,6 +130,8 @@ def bench_net(
 
     t = torch.rand(batch, device=device) * 1.4 + 0.1
     x_t, v = torch.randn_like(x0), torch.randn_like(x0)
+    labels = torch.randint(CLASSES[name], (batch,), device=device) if cfg else None
+    cond = {"labels": labels, "guidance": torch.full_like(t, 1.5) if cfg else None}  # the student's inputs
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -128,17 +139,18 @@ def bench_net(
     def step(kind: str, method: str = "") -> None:
         if kind == "forward":  # the pieces, to show where an sCM step spends its time
             with torch.no_grad(), autocast:
-                student(x_t, t)
+                student(x_t, t, **cond)
             return
         if kind == "JVP":
             with autocast:
-                scm[method].student_jvp(student, (x_t, t), (v, torch.ones_like(t)), {})
+                scm[method].student_jvp(student, (x_t, t), (v, torch.ones_like(t)), cond)
             return
         with autocast:  # the forward passes; backward outside, as in the training loop
             if kind == "teacher":
-                loss, _ = diffusion(student, x0)
+                loss, _ = diffusion(student, x0, labels)
             else:
-                loss, _ = scm[method](student, x0, teacher=teacher if kind == "sCD" else None, step=10**6)
+                teacher_ = teacher if kind == "sCD" else None
+                loss, _ = scm[method](student, x0, labels, teacher=teacher_, step=10**6)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -198,6 +210,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="backbone autocast")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one JVP per net")
     parser.add_argument("--count-kernels", action="store_true", help="kernels of a forward and a JVP, untimed")
+    parser.add_argument("--cfg", action="store_true",
+                        help="class-conditional nets on random labels; sCD's teacher with CFG (see above)")  # fmt: skip
     parser.add_argument("--tangent-method", nargs="+", default=["jvp"], choices=("jvp", "func_jvp", "cuda_graph_jvp"),
                         help="SCMLoss's forward-mode front ends, one row each (see above)")  # fmt: skip
     args = parser.parse_args()
@@ -214,7 +228,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.nets:
         bench_net(name, args.shape, args.batch, args.repeats, args.device, args.precision, args.tangent_method,
-                  args.profile, args.count_kernels)  # fmt: skip
+                  args.profile, args.count_kernels, args.cfg)  # fmt: skip
 
 
 if __name__ == "__main__":

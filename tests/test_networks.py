@@ -645,3 +645,15 @@ def test_jvp_kernel_count_of_the_video_dit() -> None:
     out = subprocess.run([*cmd, "--count-kernels", "--device", "cpu"], check=True, capture_output=True, text=True)
     forward, jvp_kernels = map(int, re.search(r"forward (\d+) kernels, JVP (\d+)", out.stdout).groups())
     assert jvp_kernels <= 2.72 * forward, out.stdout
+
+
+def test_step_time_times_class_conditional_distillation_with_cfg() -> None:
+    """bench/step_time.py --cfg runs (the sCD student takes the scale, its teacher is guided) and prints its row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "step_time.py"
+    cmd = [sys.executable, str(script), "--nets", "mnist-tiny", "--batch", "2", "--repeats", "1", "--cfg"]
+    out = subprocess.run([*cmd, "--device", "cpu"], check=True, capture_output=True, text=True)
+    assert "| mnist-tiny | 1.03M | 2x1x16x16 |" in out.stdout, out.stdout

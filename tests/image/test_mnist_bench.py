@@ -26,3 +26,24 @@ def test_mnist_bench_runs_and_reports_both_targets(tmp_path):
     assert summary["teacher_best"]["fid"] == min(r["fid"] for r in results["rows"] if r["model"] == "teacher")
     assert summary["scd2_fid_over_teacher"] > 0
     assert len(summary["teacher_plateau_time_over_scd2_side_by_side"]["rounds"]) == 2
+
+
+def test_holdout_trains_on_other_digits_than_the_fid_reference(tmp_path):
+    """--holdout N: N seeded digits are the FID reference and nothing trains on them; the folder keeps its split."""
+    import argparse
+    import importlib.util
+
+    import pytest
+    import torch
+
+    spec = importlib.util.spec_from_file_location("image_mnist", Path(__file__).parents[2] / "bench" / "image_mnist.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data, real = bench.split_digits(argparse.Namespace(resolution=16, holdout=1000), tmp_path)
+    assert len(data) == 4000 and real.shape == (1000, 1, 16, 16) and data.num_classes == 10
+    trained = {tuple(data[i][0].flatten().tolist()) for i in range(len(data))}
+    assert not trained & {tuple(image.flatten().tolist()) for image in real}
+    with pytest.raises(SystemExit, match="holdout"):  # runs trained on these 4,000 digits are in tmp_path
+        bench.split_digits(argparse.Namespace(resolution=16, holdout=0), tmp_path)
+    everything, real = bench.split_digits(argparse.Namespace(resolution=16, holdout=0), tmp_path / "all")
+    assert len(everything) == 5000 and torch.equal(real[7], everything[7][0])
