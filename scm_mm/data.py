@@ -133,12 +133,19 @@ def files_digest(paths: Iterable[Path], root: Path) -> str:
 
 def cache_key(raw: Dataset, codec: Codec) -> str:
     """A short hash of the dataset's fingerprint and the codec's settings, less where its files lie (a VAE
-    moved to another folder keeps its cache; another VAE, with another weights digest, does not)."""
+    moved to another folder keeps its cache; another VAE, with another weights digest, does not), and
+    with its run-time encoding settings (another compute dtype is encoded again; see scm_mm.modality)."""
     fingerprint = getattr(raw, "fingerprint", None)
     if not fingerprint:
         raise ValueError(f"{type(raw).__name__} has no `fingerprint`, so its encoding cannot be cached safely")
-    blob = json.dumps({"data": fingerprint, "codec": without_location(codec.state())}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    key = {"data": fingerprint, "codec": without_location(codec.state()), **_encoding(codec)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _encoding(codec: Codec) -> dict[str, Any]:
+    """{"encoding": the codec's run-time encoding settings}, or {} for a codec without them."""
+    settings = codec.encoding() if hasattr(codec, "encoding") else {}
+    return {"encoding": settings} if settings else {}
 
 
 @torch.no_grad()
@@ -250,7 +257,8 @@ def _cached(
     path = Path(cache_dir) / f"{kind}-{cache_key(raw, codec)}.safetensors"
     if path.exists():
         return load_file(str(path))
-    meta = {"fingerprint": str(getattr(raw, "fingerprint", "")), "codec": json.dumps(codec.state(), default=str)}
+    meta = {"fingerprint": str(getattr(raw, "fingerprint", "")), "codec": json.dumps(codec.state(), default=str),
+            **{k: json.dumps(v) for k, v in _encoding(codec).items()}}  # fmt: skip
     if not info.enabled:
         tensors = encode(raw)
         _save_atomically(tensors, path, meta)

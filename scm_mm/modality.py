@@ -15,7 +15,11 @@ supplies
 A codec whose normalisation is measured on the data (the audio codec's per-bin mel statistics) also
 has `fitted: bool` and `fit(raw_dataset) -> codec`; the trainer fits it on the training data, and a
 student inherits the fitted codec of its teacher. A codec with a network (a VAE, a vocoder) also has
-`to(device) -> codec`, which `codec_to` calls: the apps run it where the model runs.
+`to(device) -> codec`, which `codec_to` calls: the apps run it where the model runs. A cacheable codec
+may have `encoding() -> dict`: run-time settings that change its encodings a little but not what decodes
+them (a VAE's compute dtype, tiling), kept out of `state` so a checkpoint decodes with either, and added
+to the key of the encoding cache (scm_mm.data.cache_key) so that a cache encoded with one is not read
+for the other.
 """
 
 from __future__ import annotations

@@ -147,8 +147,8 @@ class SDVAECodec(_CheckCompatible):
     float32 with f = 2 ** (len(block_out_channels) - 1) (8 for SD-VAE). Encode and decode run in
     batches of `batch_size` on `device` in `dtype` and return on the input's device. `dtype` may be named
     as a config writes it ("bfloat16", "float16"). float16 overflows in some VAEs (SDXL's, hence its
-    fp16-fix fine-tune), and the latent cache does not record the dtype: compare a few encodings with
-    float32 before caching a data set in another dtype.
+    fp16-fix fine-tune): compare a few encodings with float32 before caching a data set in another dtype
+    (the cache is keyed by the dtype, `encoding()`; checkpoints do not record it).
     """
 
     cacheable = True  # a VAE pass is expensive: scm_mm.data encodes a dataset once and caches it
@@ -178,6 +178,10 @@ class SDVAECodec(_CheckCompatible):
             raise ValueError(f"std must be positive, got {list(std)}")
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.sigma_d, self.sample, self.batch_size = float(sigma_d), bool(sample), batch_size
+
+    def encoding(self) -> dict[str, Any]:
+        """Settings that change the encodings but not what decodes them (see scm_mm.modality)."""
+        return {"dtype": str(next(self.vae.parameters()).dtype), "tiling": bool(getattr(self.vae, "use_tiling", False))}
 
     def _per_channel(self, values: list[float], like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)

@@ -20,7 +20,8 @@ frames in pairs) decode a few latent frames at a time, so memory does not grow w
 LTX-Video decodes the whole clip in one call unless `tiling=True`, which turns on diffusers' tiles: spatial
 for all three diffusers VAEs, and for LTX-Video temporal too (overlapping tiles of 16 frames, blended, so the
 numbers change slightly). `tiling` and `dtype` are run-time choices, not recorded in `state()`: a checkpoint
-decodes with either, and the training set's encode cache (keyed by the state) does not tell them apart.
+decodes with either. They are the codec's `encoding()`, which keys the training set's encode cache beside the
+state, so a cache encoded with one is not read for the other.
 """
 
 from __future__ import annotations
@@ -193,10 +194,15 @@ class VideoLatentCodec:
             move(device)
         return self
 
-    def _device(self) -> torch.device:
-        """Where the autoencoder's weights are (an nn.Module, or a wrapper exposing parameters())."""
+    def _weight(self) -> torch.Tensor | None:
+        """One of the autoencoder's weights (an nn.Module, or a wrapper exposing parameters()), or None."""
         parameters = getattr(self.vae, "parameters", None)
-        return next(iter(parameters())).device if parameters is not None else torch.device("cpu")
+        return next(iter(parameters()), None) if parameters is not None else None
+
+    def _device(self) -> torch.device:
+        """Where the autoencoder's weights are."""
+        weight = self._weight()
+        return weight.device if weight is not None else torch.device("cpu")
 
     @torch.no_grad()
     def encode_raw(self, media: torch.Tensor) -> torch.Tensor:
@@ -236,6 +242,12 @@ class VideoLatentCodec:
         fitted = VideoLatentCodec(self.vae, self.sigma_d, mean.tolist(), std.tolist(), self.batch_size)
         fitted.path = self.path
         return fitted
+
+    def encoding(self) -> dict[str, Any]:
+        """Settings that change the encodings but not what decodes them (see scm_mm.modality)."""
+        weight, inner = self._weight(), getattr(self.vae, "vae", None)  # inner: a diffusers VAE's own module
+        dtype = weight.dtype if weight is not None else torch.float32
+        return {"dtype": str(dtype), "tiling": bool(getattr(inner, "use_tiling", False))}
 
     def state(self) -> dict[str, Any]:
         return {

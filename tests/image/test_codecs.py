@@ -173,6 +173,20 @@ def test_sd_vae_dtype_by_name_as_a_config_gives_it(vae_dir, name, dtype):
     assert codec.encode(_images(1)).dtype == torch.float32  # x0 in fp32 whatever the VAE computes in
 
 
+def test_latent_cache_is_keyed_by_the_vae_dtype_not_its_folder(vae_dir, tmp_path):
+    """A data set encoded in bf16 is not read back for a float32 run (nor the other way round); a copy of the
+    VAE in another folder, in the same dtype, reads the same cache."""
+    from scm_mm.data import cache_key
+    from scm_mm_image.data import MNIST
+
+    digits = MNIST(resolution=16)
+    shutil.copytree(vae_dir, tmp_path / "copy")
+    fp32, bf16 = SDVAECodec(vae_dir), SDVAECodec(vae_dir, dtype="bfloat16")
+    assert fp32.state() == bf16.state()  # a checkpoint decodes with either
+    assert cache_key(digits, fp32) != cache_key(digits, bf16)
+    assert cache_key(digits, fp32) == cache_key(digits, SDVAECodec(tmp_path / "copy"))
+
+
 def test_image_latent_config_sets_the_vae_dtype(vae_dir):
     cfg = config("train", ["modality=image_latent", f"modality.codec.path={vae_dir}", "modality.codec.dtype=bfloat16"])
     codec = instantiate(cfg.modality.codec)

@@ -247,10 +247,15 @@ def test_grey_clips_on_an_rgb_vae_from_a_folder_and_from_a_checkpoint_state(fold
     assert restored.decode(x0).shape == clips.shape
 
 
+class Fingerprinted(list):
+    fingerprint = "clips"
+
+
 def test_tiling_and_dtype_reach_the_diffusers_vae_through_the_codec_and_its_config(folders, tmp_path):
     from helpers import config
     from hydra.utils import instantiate
 
+    from scm_mm.data import cache_key
     from scm_mm_video.autoencoder import save_video_vae, vae_preset
     from scm_mm_video.codec import VideoLatentCodec, as_dtype, codec_from_state
 
@@ -274,6 +279,9 @@ def test_tiling_and_dtype_reach_the_diffusers_vae_through_the_codec_and_its_conf
     # Run-time choices, not part of what a checkpoint records: the same state decodes with or without them.
     plain = codec_from_state(codec.state())
     assert plain.vae.dtype == torch.float32 and not plain.vae.vae.use_tiling
+    raw = [(clips[0], -1)]  # a one-clip data set: the encode cache tells the two apart
+    assert cache_key(Fingerprinted(raw), plain) != cache_key(Fingerprinted(raw), codec)
+    assert codec.encoding() == {"dtype": "torch.bfloat16", "tiling": True}
     assert codec_from_state(codec.state(), tiling=True, dtype="float16").vae.dtype == torch.float16
     save_video_vae(vae_preset("digits", base_channels=8, groups=4), tmp_path / "own")
     with pytest.raises(ValueError, match="for diffusers VAEs"):
