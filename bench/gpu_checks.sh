@@ -22,7 +22,8 @@
 #   4. 2-step generation per 512x512 sample, ImageNet-512 XXL at batch 1: eager, CUDA graph, compile (issue 6)
 #   5. the kernel's block sizes at N = 8192 (--tune), then output + tangent vs flash SDPA forward at
 #      N 1k-32k, D 64 and 128, non-causal and causal (issue 6; measured on 2026-12-04, so last)
-#   6. the video autoencoder and vocoder trainers on CUDA against their CPU losses
+#   6. the video autoencoder and vocoder trainers on CUDA against their CPU losses, and the image metrics on
+#      CUDA (scm-mm-eval's device) against the CPU's
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -66,5 +67,5 @@ step sample-compile 150 python3 bench/sample_time.py --modes compile --repeats 2
 step tune 60 python3 bench/attention_triton.py --tune --lengths 8192 --head-dims 64 128 256 --out "$OUT/tune.json"
 step kernel 120 python3 bench/attention_triton.py --out "$OUT/kernel.json"
 step kernel-causal 45 python3 bench/attention_triton.py --causal --lengths 4096 16384 --methods "flash forward" fused blockwise --out "$OUT/kernel_causal.json"
-step trainers 90 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m gpu tests/test_trainers_cuda.py
+step trainers 120 python3 -m pytest -q -p no:cacheprovider -p no:hydra_pytest -m gpu tests/test_trainers_cuda.py tests/test_metrics_cuda.py
 echo "=== done $(date -u +%H:%M:%S)" | tee -a "$LOG"

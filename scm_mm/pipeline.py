@@ -6,7 +6,7 @@ writers. Only the registry is consulted for the modality, so the core never impo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ class SCMPipeline:
         return out
 
     @torch.no_grad()
-    def sample_latents(
+    def latent_batches(
         self,
         n: int,
         steps: int = 2,
@@ -83,15 +83,15 @@ class SCMPipeline:
         churn: float = 0.0,             # method="heun" only: EDM's stochastic sampling (S_churn)
         batch_size: int = 64,
         shape: Sequence[int] | None = None,  # (C, *dims) of one sample; None: the training shape
-    ) -> torch.Tensor:
-        """x0 samples (n, C, *dims) before decoding; the same seed gives the same samples."""
+    ) -> Iterator[torch.Tensor]:
+        """x0 samples before decoding, `batch_size` at a time on the model's device; the same seed gives
+        the same samples."""
         ys = self.labels_for(n, labels)
         generator = torch.Generator(self.device)
         if seed is None:
             generator.seed()  # a fresh seed for this generator alone (torch.seed() would reseed the global one)
         else:
             generator.manual_seed(seed)
-        out = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             cond: dict[str, Any] = {}
@@ -100,11 +100,18 @@ class SCMPipeline:
             if guidance is not None:
                 cond["guidance"] = torch.full((b,), float(guidance), device=self.device)
             batch_shape = (b, *(self.sample_shape if shape is None else shape))
-            out.append(
-                sample(self.model, batch_shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
-                       churn=churn, device=self.device, **cond)  # fmt: skip
-            )
-        return torch.cat(out)
+            yield sample(self.model, batch_shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
+                         churn=churn, device=self.device, **cond)  # fmt: skip
+
+    def sample_latents(self, n: int, **kwargs: Any) -> torch.Tensor:
+        """x0 samples (n, C, *dims) before decoding; keywords as in `latent_batches`."""
+        return torch.cat(list(self.latent_batches(n, **kwargs)))
+
+    def decoded_batches(self, n: int, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Decoded media on the CPU, a batch of `latent_batches` at a time: the device holds one batch of
+        decoded media, and the caller may score or write each before the next is sampled."""
+        for x0 in self.latent_batches(n, **kwargs):
+            yield self.codec.decode(x0).cpu()
 
     def sampler_for(self, method: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(method, steps), each as given or else suited to the checkpoint's recorded training method: a
@@ -124,8 +131,8 @@ class SCMPipeline:
         raise ValueError(f"{self.modality.name} samples have no frames")
 
     def generate(self, n: int, **kwargs: Any) -> torch.Tensor:
-        """Decoded media for n samples, on the CPU; keywords as in `sample_latents`."""
-        return self.codec.decode(self.sample_latents(n, **kwargs)).cpu()
+        """Decoded media for n samples, on the CPU; keywords as in `latent_batches`."""
+        return torch.cat(list(self.decoded_batches(n, **kwargs)))
 
     def media_options(self) -> dict[str, Any]:
         """What the modality's writer and metrics need to know besides the media (e.g. a sample rate)."""

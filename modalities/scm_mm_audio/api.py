@@ -13,7 +13,7 @@ cut to the requested length.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ class AudioModality:
 
     def evaluate(
         self,
-        waves: torch.Tensor,            # generated (N, channels, samples)
+        waves: torch.Tensor | Iterable[torch.Tensor],  # generated (N, channels, samples), or batches of them
         reference: Dataset,             # real clips: items (wave (channels, samples), label)
         labels: torch.Tensor | None = None,  # the classes the clips were generated for (pitch accuracy)
         sample_rate: int = 16000,
@@ -105,6 +105,7 @@ class AudioModality:
         A reference of random crops is read with centred ones: the same clips at every evaluation.
         The classifier trained here works at the reference's rate; a given one at another rate gets
         both sets of clips resampled to its own."""
+        waves = waves if isinstance(waves, torch.Tensor) else torch.cat(list(waves))
         if getattr(reference, "crop", None) == "random" and hasattr(reference, "with_crop"):
             reference = reference.with_crop("center")
         classifier = self._classifier(reference, classifier_path, cache_dir)

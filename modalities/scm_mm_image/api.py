@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ class ImageModality:
 
     def evaluate(
         self,
-        images: torch.Tensor,           # generated uint8 (N, C, H, W)
+        images: torch.Tensor | Iterable[torch.Tensor],  # generated uint8 (N, C, H, W), or batches of them
         reference: Dataset,             # real images: items (uint8 (C, H, W), label)
         labels: torch.Tensor | None = None,  # the classes the images were generated for (unused)
         features: str = "classifier",   # "classifier" (offline FID) or "inception"
@@ -81,6 +81,7 @@ class ImageModality:
         max_reference: int = 50_000,    # real images scored against: a random subset of this size
         reference_seed: int = 0,        # which subset; fixed, so scores are reproducible
         batch_size: int = 100,          # images per forward pass of the extractor
+        device: str | torch.device = "cpu",  # where the extractor and the neighbour searches run
     ) -> dict[str, float]:
         """FID, IS, precision and recall of `images` against min(max_reference, len) reference images drawn
         uniformly with `reference_seed` (`subset_indices`: not the first ones, which an ImageFolder sorts by
@@ -88,7 +89,8 @@ class ImageModality:
 
         "classifier": the feature space of a small classifier trained on the reference data (the
         SC09 recipe), loaded from `classifier_path` or trained once and cached by the data's
-        fingerprint. "inception": the standard FID network, from a local weights file only.
+        fingerprint. "inception": the standard FID network, from a local weights file only. Batches of
+        generated images are scored as they come, so only their features are kept.
         """
         extractor: torch.nn.Module
         if features == "inception":
@@ -97,9 +99,10 @@ class ImageModality:
             extractor = self._classifier(reference, classifier_path, cache_dir)
         else:
             raise ValueError(f"features must be 'classifier' or 'inception', got {features!r}")
+        extractor.to(device)
         indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
         real = extract_features(extractor, media_batches(reference, indices, batch_size))[0]  # (M, D), streamed
-        scores = evaluate_images(images, real, extractor, batch_size)
+        scores = evaluate_images(images, real, extractor, batch_size, device=device)
         return {**scores, "reference_images": len(indices), "reference_seed": reference_seed}
 
     @staticmethod

@@ -242,11 +242,13 @@ def evaluate_images(
     splits: int = 10,                               # IS splits
     k: int = 3,                                     # neighbour rank of precision / recall
     reference_radii: torch.Tensor | None = None,    # (M,) cached knn_radii of the reference features
+    device: str | torch.device | None = None,       # where precision and recall's distances run; None: the CPU
 ) -> dict[str, float]:
     """{"fid", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the reference
-    gives features (images or features, not FeatureStats alone)."""
+    gives features (images or features, not FeatureStats alone). The extractor runs where it lies."""
     features, logits = extract_features(extractor, images, batch_size)
     if not isinstance(reference, FeatureStats) and not reference.dtype.is_floating_point:
         reference = extract_features(extractor, reference, batch_size)[0]
-    scores = feature_scores(features, logits, reference, splits=splits, k=k, reference_radii=reference_radii)
+    scores = feature_scores(features, logits, reference, splits=splits, k=k, reference_radii=reference_radii,
+                            device=device)  # fmt: skip
     return {"fid": scores.pop("frechet"), **scores}

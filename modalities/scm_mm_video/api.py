@@ -14,7 +14,7 @@ lengths other than the training length is not promised: the network saw one leng
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ class VideoModality:
 
     def evaluate(
         self,
-        media: torch.Tensor,                # generated uint8 clips (N, C, T, H, W)
+        media: torch.Tensor | Iterable[torch.Tensor],  # generated uint8 clips (N, C, T, H, W), or batches
         reference: Dataset,                 # real clips: items (uint8 (C, T, H, W), label)
         classifier_path: str | None = None,  # a folder with the two classifiers; None: trained once and cached
         cache_dir: str | Path | None = None,
@@ -109,6 +109,7 @@ class VideoModality:
         """Frechet video distance and per-frame Frechet distance in the features of small classifiers
         trained on the reference data, IS, precision and recall (scm_mm_video.metrics), with the size and
         seed of the reference subset."""
+        media = media if isinstance(media, torch.Tensor) else torch.cat(list(media))
         video_net, frame_net = cached_video_classifiers(reference, cache_dir, path=classifier_path)
         return evaluate_video(media, reference, video_net, frame_net, max_reference=max_reference,
                               seed=reference_seed)  # fmt: skip

@@ -11,6 +11,7 @@ built from JSON specs) before the loop sees them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -122,18 +123,18 @@ def run(cfg: DictConfig) -> Any:
     pipeline = getattr(modality, "pipeline", SCMPipeline)  # the modality's API knows its media options
     guidance = 1.0 if cfg.method.guidance_input and cfg.data.num_classes else None
 
-    def generate(ema_model: torch.nn.Module, n: int, seed: int) -> tuple[SCMPipeline, torch.Tensor, Any]:
-        """(pipeline, n decoded samples of the run's sampler on the CPU, their labels)."""
+    def generate(ema_model: torch.nn.Module, n: int, seed: int) -> tuple[SCMPipeline, Iterator[torch.Tensor], Any]:
+        """(pipeline, n decoded samples of the run's sampler in batches on the CPU, their labels)."""
         pipe = pipeline(ema_model, codec, modality, sample_shape, int(cfg.data.num_classes), meta)  # type: ignore[arg-type]
         labels = pipe.labels_for(n, None)  # a class-conditional model cycles through its classes
-        x0 = pipe.sample_latents(
+        batches = pipe.decoded_batches(
             n, steps=cfg.sampler.steps, method=cfg.sampler.method, t_mid=cfg.sampler.t_mid, seed=seed,
             labels=labels, guidance=guidance,
         )  # fmt: skip
-        return pipe, pipe.codec.decode(x0).cpu(), labels
+        return pipe, batches, labels
 
     def preview(ema_model: torch.nn.Module, it: int) -> torch.Tensor:
-        return modality.preview(generate(ema_model, cfg.preview.n, cfg.preview.seed)[1])
+        return modality.preview(torch.cat(list(generate(ema_model, cfg.preview.n, cfg.preview.seed)[1])))
 
     def evaluate(ema_model: torch.nn.Module, it: int) -> dict[str, float]:
         """scm-mm-eval's metrics against the run's data, every train.eval_every iterations."""
@@ -141,7 +142,7 @@ def run(cfg: DictConfig) -> Any:
         pipe, media, labels = generate(ema_model, options.n, options.seed)
         metrics = modality.evaluate(  # type: ignore[attr-defined]
             media, raw, labels=labels, features=options.features, inception_path=options.inception_path,
-            classifier_path=options.classifier_path, cache_dir=cache_dir, **pipe.media_options(),
+            classifier_path=options.classifier_path, cache_dir=cache_dir, device=info.device, **pipe.media_options(),
         )  # fmt: skip
         return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
 

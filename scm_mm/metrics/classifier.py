@@ -114,9 +114,11 @@ def extract_features(
     media: torch.Tensor | Iterable[torch.Tensor],   # (N, ...), or an iterable of batches
     batch_size: int = 100,                          # items per forward pass, when given one tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D), logits (N, K)), float32 on the CPU."""
+    """(features (N, D), logits (N, K)), float32 on the CPU; the extractor runs where its weights lie."""
     batches = media.split(batch_size) if isinstance(media, torch.Tensor) else media
-    outputs = [tuple(o.float().cpu() for o in extractor(b)) for b in batches]
+    weight = next(extractor.parameters(), None)
+    device = weight.device if weight is not None else None
+    outputs = [tuple(o.float().cpu() for o in extractor(b.to(device))) for b in batches]
     return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
 
@@ -127,14 +129,17 @@ def feature_scores(
     splits: int = 10,                            # IS splits
     k: int = 3,                                  # neighbour rank of precision / recall
     reference_radii: torch.Tensor | None = None,  # (M,) cached knn_radii of the reference features
+    device: str | torch.device | None = None,    # where precision and recall's distances run; None: the CPU
 ) -> dict[str, float]:
     """{"frechet", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the
-    reference is given as features (not FeatureStats alone)."""
+    reference is given as features (not FeatureStats alone). The distances of precision and recall, N x M
+    of them (2.5e9 for FID-50k), are what takes long: on a GPU with `device`."""
     ref_stats = reference if isinstance(reference, FeatureStats) else FeatureStats().update(reference)
     stats = FeatureStats().update(features)
     is_mean, is_std = inception_score(logits, splits=splits)
     out = {"frechet": frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
            "is_mean": is_mean, "is_std": is_std}  # fmt: skip
     if not isinstance(reference, FeatureStats):
-        out["precision"], out["recall"] = precision_recall(reference, features, k=k, real_radii=reference_radii)
+        real, fake = reference.to(device), features.to(device)
+        out["precision"], out["recall"] = precision_recall(real, fake, k=k, real_radii=reference_radii)
     return out
