@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +23,10 @@ from .train import CONFIG_PATH, plain
 
 
 def pick_device(name: str) -> str:
+    """The device to sample on, for scm-mm-sample and scm-mm-eval, which run on one process: under torchrun
+    every process would sample the same seed and write the same files, so that is refused."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("scm-mm-sample and scm-mm-eval run on one process; launch them without torchrun")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 

@@ -63,6 +63,16 @@ def test_sample_app_writes_a_png_grid(runs, tmp_path):
         assert image.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16x16 with 2-pixel padding
 
 
+def test_sample_and_eval_refuse_to_run_under_torchrun(runs, tmp_path, monkeypatch):
+    """Each process would sample the same seed and write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="without torchrun"):
+        sample.run(config("sample", [f"checkpoint={runs / 'scd'}", f"out={tmp_path / 'g.png'}", "device=cpu"]))
+    with pytest.raises(RuntimeError, match="without torchrun"):
+        evaluate.run(config("eval", [f"checkpoint={runs / 'scd'}", "device=cpu"]))
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_the_apps_sample_a_teacher_with_its_solver_unless_told(runs, tmp_path, capsys):
     for name, told, expected in (("teacher", [], "(heun, 32 steps)"), ("scd", [], "(consistency, 2 steps)"),
                                  ("teacher", ["solver=euler", "steps=3"], "(euler, 3 steps)")):  # fmt: skip
