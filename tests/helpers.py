@@ -1,5 +1,7 @@
 """Small models and a Hydra composer shared by the tests."""
 
+import socket
+
 import torch
 from hydra import compose, initialize_config_module
 
@@ -37,3 +39,10 @@ def config(name: str, overrides: list[str]):
     """The app config `name` (train, sample, eval) composed as the scm-mm-* commands do."""
     with initialize_config_module("scm_mm_configs", version_base="1.3"):
         return compose(name, overrides=overrides)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,11 +2,11 @@
 the cached training set."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch.utils.data import DataLoader
 
 from scm_mm import DiffusionLoss, TrigFlowPrecond
@@ -235,15 +235,10 @@ def _encode_worker(rank: int, port: int, cache: str, broken: int, out: dict) -> 
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _spawn_encoders(cache, broken: int = -1) -> dict:
     out = mp.Manager().dict()
-    mp.spawn(_encode_worker, args=(_free_port(), str(cache), broken, out), nprocs=2, join=True)
+    mp.spawn(_encode_worker, args=(free_port(), str(cache), broken, out), nprocs=2, join=True)
     return dict(out)
 
 

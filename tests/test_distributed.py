@@ -1,13 +1,13 @@
 """sCM under DDP (gloo, 2 CPU processes): the JVP runs on the unwrapped module, gradients still sync."""
 
 import os
-import socket
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scm_mm import SCMLoss, TrigFlowPrecond
@@ -51,9 +51,7 @@ def worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_ddp_gradients_equal_single_process_gradients():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = mp.Manager().dict()
     mp.spawn(worker, args=(port, out), nprocs=2, join=True)
@@ -88,9 +86,7 @@ def _waiting_worker(rank: int, port: int, out: dict) -> None:
 def test_barrier_waits_past_the_default_groups_timeout():
     """Ranks waiting while rank 0 works alone (encoding, a checkpoint, an evaluation) wait on the host group,
     whose timeout is hours, not on the default group, whose collectives NCCL aborts after 10 minutes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = mp.Manager().dict()
     mp.spawn(_waiting_worker, args=(port, out), nprocs=2, join=True)
     assert out["host", 0] == out["host", 1] == "passed"

@@ -3,12 +3,12 @@
 
 import json
 import os
-import socket
 import warnings
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from scm_mm import DiffusionLoss, SCMLoss, TrigFlowPrecond
 from scm_mm.data import TensorPairs
@@ -297,11 +297,6 @@ def test_an_all_nonfinite_batch_is_refused(tmp_path):
 # --- 1 process vs 2 (gloo) -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, port: int, run_dir: str, out: dict) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -341,7 +336,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     single = model.state_dict()
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), out), nprocs=2, join=True)
     for key, value in single.items():
         torch.testing.assert_close(out["widened", 0][key], value, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(out["widened", 1][key], value, rtol=1e-9, atol=1e-12)

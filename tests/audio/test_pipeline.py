@@ -8,7 +8,6 @@ import importlib.util
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from helpers import config
+from helpers import config, free_port
 
 from scm_mm.app import evaluate, sample, train
 from scm_mm.pipeline import SCMPipeline
@@ -180,9 +179,7 @@ def test_scm_mm_train_under_torchrun_equals_one_process(tmp_path):
     with the global batch split between them, and end with the weights of one process on the whole batch."""
     overrides = ["experiment=notes_teacher", "train.iters=2", "train.ckpt_every=0", "train.sample_every=0",
                  f"cache_dir={tmp_path / 'cache'}", *TINY]  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     done = subprocess.run([*launch, "-m", "scm_mm.app.train", f"run_dir={tmp_path / 'two'}", *overrides],
