@@ -106,10 +106,16 @@ def split_digits(args: argparse.Namespace, out: Path) -> tuple[Digits, torch.Ten
     seeded uniform N held out as the reference and the rest to train on. The split is recorded in
     out/data.json, and another split in the same folder is refused: its runs were trained on other digits."""
     digits = MNIST(resolution=args.resolution)
+    if not 0 <= args.holdout < len(digits):
+        raise SystemExit(f"--holdout must be in [0, {len(digits)}), got {args.holdout}")
     setting = {"resolution": args.resolution, "holdout": args.holdout}
     record = out / "data.json"
-    if record.exists() and json.loads(record.read_text()) != setting:
-        raise SystemExit(f"{out} holds runs of {record.read_text()}, not {setting}: choose another --out")
+    if record.exists():
+        recorded = json.loads(record.read_text())
+    else:  # a folder from before the record: its runs trained on all the digits
+        recorded = {"resolution": args.resolution, "holdout": 0} if out.exists() and any(out.iterdir()) else setting
+    if recorded != setting:
+        raise SystemExit(f"{out} holds runs of {recorded}, not {setting}: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(setting))
     trained = torch.ones(len(digits), dtype=torch.bool)

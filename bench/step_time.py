@@ -49,19 +49,18 @@ from scm_mm.nn.unet import UNet
 from scm_mm_image.presets import build_unet
 from scm_mm_video.presets import build_video_net
 
-NETS = {
+NETS = {  # name: (build(**options), one sample's (C, *dims), classes under --cfg)
     # A CIFAR-like pixel U-Net and a latent DiT, sized so one step takes about a second on 2 cores.
     "unet": (lambda **kw: UNet(3, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_levels=(1,), **kw),
-             (3, 32, 32)),  # fmt: skip
-    "dit": (lambda **kw: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4, **kw), (4, 32, 32)),
+             (3, 32, 32), 10),  # fmt: skip
+    "dit": (lambda **kw: DiT(4, patch_size=(2, 2), hidden=256, depth=6, heads=4, **kw), (4, 32, 32), 10),
     # The MNIST bench's net (bench/image_mnist.py; trained at batch 128 there).
-    "mnist-tiny": (lambda **kw: build_unet("mnist-tiny", **kw), (1, 16, 16)),
+    "mnist-tiny": (lambda **kw: build_unet("mnist-tiny", **kw), (1, 16, 16), 10),
     # The paper-scale presets, for a GPU.
-    "imagenet64-S": (lambda **kw: build_unet("imagenet64-S", **kw), (3, 64, 64)),
-    "imagenet512-XXL": (lambda **kw: build_unet("imagenet512-XXL", **kw), (4, 64, 64)),  # 1.5B, on SD-VAE latents
-    "video-dit-s": (lambda **kw: build_video_net("video-dit-s", 16, **kw), (16, 5, 32, 32)),
+    "imagenet64-S": (lambda **kw: build_unet("imagenet64-S", **kw), (3, 64, 64), 1000),
+    "imagenet512-XXL": (lambda **kw: build_unet("imagenet512-XXL", **kw), (4, 64, 64), 1000),  # 1.5B, SD-VAE latents
+    "video-dit-s": (lambda **kw: build_video_net("video-dit-s", 16, **kw), (16, 5, 32, 32), 101),  # UCF-101
 }
-CLASSES = {"unet": 10, "dit": 10, "mnist-tiny": 10, "imagenet64-S": 1000, "imagenet512-XXL": 1000, "video-dit-s": 101}
 
 
 def timed(fn, *args) -> float:
@@ -114,9 +113,9 @@ def bench_net(
 ) -> dict[str, float]:
     """Median seconds of each kind of step; one table row per tangent method, all timed in the same rounds.
     With count_kernels, the kernels of one forward and one JVP per method, untimed."""
-    build, default_shape = NETS[name]
+    build, default_shape, num_classes = NETS[name]
     shape = tuple(shape or default_shape)
-    classes = {"num_classes": CLASSES[name]} if cfg else {}
+    classes = {"num_classes": num_classes} if cfg else {}
     torch.manual_seed(0)
     teacher = TrigFlowPrecond(build(**classes)).to(device).eval().requires_grad_(False)
     student = TrigFlowPrecond(build(**classes, guidance_embed=cfg)).to(device)
@@ -130,7 +129,7 @@ def bench_net(
 
     t = torch.rand(batch, device=device) * 1.4 + 0.1
     x_t, v = torch.randn_like(x0), torch.randn_like(x0)
-    labels = torch.randint(CLASSES[name], (batch,), device=device) if cfg else None
+    labels = torch.randint(num_classes, (batch,), device=device) if cfg else None
     cond = {"labels": labels, "guidance": torch.full_like(t, 1.5) if cfg else None}  # the student's inputs
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -149,8 +148,8 @@ def bench_net(
             if kind == "teacher":
                 loss, _ = diffusion(student, x0, labels)
             else:
-                teacher_ = teacher if kind == "sCD" else None
-                loss, _ = scm[method](student, x0, labels, teacher=teacher_, step=10**6)
+                distil = teacher if kind == "sCD" else None
+                loss, _ = scm[method](student, x0, labels, teacher=distil, step=10**6)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from .modality import Codec, without_location
-from .train.distributed import DistInfo, barrier
+from .train.distributed import DistInfo, barrier, from_main
 
 
 def _as_item(media: Any, label: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,15 +247,13 @@ def _cached(
     raw: Dataset, codec: Codec, cache_dir: str | Path | None, kind: str, encode: Encode, info: DistInfo
 ) -> dict[str, torch.Tensor]:
     """The tensors `encode(raw)` gives, read from `cache_dir` if an earlier run wrote them, else written there.
-
-    Under torchrun each rank encodes a contiguous share of the items into a part file, and rank 0 joins
-    the parts in order: the cache is the one a single process writes, in a world-size-th of the time. A
-    part a killed run finished is kept and not encoded again. Without a cache folder every rank encodes
-    everything."""
+    Without a cache folder every rank encodes everything; with one, under torchrun, the ranks share the
+    work (`_encode_shares`). Every rank acts on rank 0's view of the folder."""
     if cache_dir is None:
         return encode(raw)
     path = Path(cache_dir) / f"{kind}-{cache_key(raw, codec)}.safetensors"
-    if path.exists():
+    path, cached = from_main(lambda: (path, path.exists()), info)
+    if cached:
         return load_file(str(path))
     meta = {"fingerprint": str(getattr(raw, "fingerprint", "")), "codec": json.dumps(codec.state(), default=str),
             **{k: json.dumps(v) for k, v in _encoding(codec).items()}}  # fmt: skip
@@ -263,21 +261,44 @@ def _cached(
         tensors = encode(raw)
         _save_atomically(tensors, path, meta)
         return tensors
+    _encode_shares(raw, encode, path, kind, meta, info)
+    return load_file(str(path))
+
+
+def _encode_shares(raw: Dataset, encode: Encode, path: Path, kind: str, meta: dict[str, str], info: DistInfo) -> None:
+    """Each rank encodes a contiguous share of the items into a part file, then rank 0 joins the parts in
+    order into `path`: for a codec whose encodings do not depend on the batch or on random draws (a VAE's
+    posterior mean, the default) the cache one process writes, in a world-size-th of the time. A part
+    that a killed run finished is kept. Another job encoding the same data into the same folder at the
+    same time may share parts; whichever joins first writes the cache, and the other then reads it.
+    Random draws (a posterior sample) come from a generator seeded by the share's first item."""
     n = len(raw)  # type: ignore[arg-type]
     shares = min(info.world_size, n)  # ranks beyond the item count have nothing to encode
     bounds = [n * r // shares for r in range(shares + 1)]
     parts = [path.with_name(f"{path.stem}.part{r}-of-{shares}{path.suffix}") for r in range(shares)]
     if info.rank < shares and not parts[info.rank].exists():
-        share = Subset(raw, range(bounds[info.rank], bounds[info.rank + 1]))
-        _save_atomically(encode(share), parts[info.rank], meta)
+        with torch.random.fork_rng(devices=[info.device.index or 0] if info.device.type == "cuda" else []):
+            torch.manual_seed(bounds[info.rank])  # shares draw apart, and each the same in a rerun
+            tensors = encode(Subset(raw, range(bounds[info.rank], bounds[info.rank + 1])))
+        _save_atomically(tensors, parts[info.rank], meta)
     barrier(info)
     if info.is_main:
-        loaded = [load_file(str(part)) for part in parts]
-        _save_atomically({k: torch.cat([p[k] for p in loaded], dim) for k, dim in _JOIN_DIMS[kind].items()}, path, meta)
-        for part in path.parent.glob(f"{path.stem}.part*"):  # this run's parts and any from other world sizes
-            part.unlink()
+        _join(parts, path, kind, meta)
     barrier(info)
-    return load_file(str(path))
+
+
+def _join(parts: list[Path], path: Path, kind: str, meta: dict[str, str]) -> None:
+    """The parts' tensors joined in order into `path`, unless another job wrote it first; then the parts go."""
+    try:
+        if not path.exists():
+            loaded = [load_file(str(part)) for part in parts]  # memory-mapped: read as they are copied
+            _save_atomically({k: torch.cat([p[k] for p in loaded], dim) for k, dim in _JOIN_DIMS[kind].items()},
+                             path, meta)  # fmt: skip
+    except FileNotFoundError:  # another job joined these parts and removed them: its cache must be there
+        if not path.exists():
+            raise
+    for part in parts:
+        part.unlink(missing_ok=True)
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:

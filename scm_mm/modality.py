@@ -20,6 +20,12 @@ may have `encoding() -> dict`: run-time settings that change its encodings a lit
 them (a VAE's compute dtype, tiling), kept out of `state` so a checkpoint decodes with either, and added
 to the key of the encoding cache (scm_mm.data.cache_key) so that a cache encoded with one is not read
 for the other.
+
+A modality that scm-mm-eval and `train.eval_every` can score has `evaluate(media, reference, labels=None,
+device=..., **options) -> dict[str, float]`: `media` is decoded samples, one tensor or an iterable of
+batches of them (scm-mm-eval streams them, `SCMPipeline.decoded_batches`), `reference` the run's raw
+dataset, `device` where the model runs (the metrics may run there too), and options it does not know it
+ignores.
 """
 
 from __future__ import annotations

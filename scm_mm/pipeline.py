@@ -70,7 +70,6 @@ class SCMPipeline:
             raise ValueError(f"labels must be in [0, {self.num_classes}) or -1 (none), got {out.tolist()}")
         return out
 
-    @torch.no_grad()
     def latent_batches(
         self,
         n: int,
@@ -85,23 +84,28 @@ class SCMPipeline:
         shape: Sequence[int] | None = None,  # (C, *dims) of one sample; None: the training shape
     ) -> Iterator[torch.Tensor]:
         """x0 samples before decoding, `batch_size` at a time on the model's device; the same seed gives
-        the same samples."""
+        the same samples. The labels are checked now, the samples drawn as the batches are asked for."""
         ys = self.labels_for(n, labels)
         generator = torch.Generator(self.device)
         if seed is None:
             generator.seed()  # a fresh seed for this generator alone (torch.seed() would reseed the global one)
         else:
             generator.manual_seed(seed)
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            cond: dict[str, Any] = {}
-            if ys is not None:
-                cond["labels"] = ys[start : start + b].to(self.device)
-            if guidance is not None:
-                cond["guidance"] = torch.full((b,), float(guidance), device=self.device)
-            batch_shape = (b, *(self.sample_shape if shape is None else shape))
-            yield sample(self.model, batch_shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
-                         churn=churn, device=self.device, **cond)  # fmt: skip
+
+        @torch.no_grad()
+        def batches() -> Iterator[torch.Tensor]:
+            for start in range(0, n, batch_size):
+                b = min(batch_size, n - start)
+                cond: dict[str, Any] = {}
+                if ys is not None:
+                    cond["labels"] = ys[start : start + b].to(self.device)
+                if guidance is not None:
+                    cond["guidance"] = torch.full((b,), float(guidance), device=self.device)
+                batch_shape = (b, *(self.sample_shape if shape is None else shape))
+                yield sample(self.model, batch_shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
+                             churn=churn, device=self.device, **cond)  # fmt: skip
+
+        return batches()
 
     def sample_latents(self, n: int, **kwargs: Any) -> torch.Tensor:
         """x0 samples (n, C, *dims) before decoding; keywords as in `latent_batches`."""
@@ -109,9 +113,9 @@ class SCMPipeline:
 
     def decoded_batches(self, n: int, **kwargs: Any) -> Iterator[torch.Tensor]:
         """Decoded media on the CPU, a batch of `latent_batches` at a time: the device holds one batch of
-        decoded media, and the caller may score or write each before the next is sampled."""
-        for x0 in self.latent_batches(n, **kwargs):
-            yield self.codec.decode(x0).cpu()
+        decoded media, and the caller may score or write each before the next is sampled. In the codec's
+        layout: the modality APIs' `generate` may rearrange (video: (N, T, H, W, C)) or crop (audio)."""
+        return (self.codec.decode(x0).cpu() for x0 in self.latent_batches(n, **kwargs))
 
     def sampler_for(self, method: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(method, steps), each as given or else suited to the checkpoint's recorded training method: a

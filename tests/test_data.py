@@ -2,15 +2,18 @@
 the cached training set."""
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import free_port
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from scm_mm import DiffusionLoss, TrigFlowPrecond
-from scm_mm.data import RandomViews, encode_all, files_digest, training_set
+from scm_mm.data import RandomViews, _join, encode_all, files_digest, training_set
 from scm_mm.train.checkpoint import build_from_spec
 from scm_mm.train.distributed import init_distributed
 from scm_mm.train.loop import TrainOptions, train
@@ -207,19 +210,23 @@ def test_in_workers_a_view_follows_the_loaders_seed_and_the_index_not_the_worker
 
 
 class Fragile(Counted):
-    """Counted with 7 items, each saying which process read it; item `broken` raises."""
+    """Counted with 7 items; item `broken` raises, once rank 0's part is in `cache` (so that the failure comes
+    after rank 0 has finished its share, whichever process runs first)."""
 
     fingerprint = "fragile-7"
 
-    def __init__(self, broken: int = -1) -> None:
+    def __init__(self, broken: int = -1, cache: Path | None = None) -> None:
         super().__init__()
-        self.broken = broken
+        self.broken, self.cache = broken, cache
 
     def __len__(self) -> int:
         return 7
 
     def __getitem__(self, i: int):
         if i == self.broken:
+            deadline = time.monotonic() + 60
+            while not list(self.cache.glob("encoded-*.part0-of-2.safetensors")) and time.monotonic() < deadline:
+                time.sleep(0.05)
             raise OSError(f"item {i} is unreadable")
         return super().__getitem__(i)
 
@@ -228,12 +235,11 @@ def _encode_worker(rank: int, port: int, cache: str, broken: int, out: dict) -> 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)  # as torchrun sets them
     info = init_distributed("cpu")
-    raw, strips = Fragile(broken), Strips(10)
+    raw, strips = Fragile(broken, Path(cache)), Strips(10)
     items = training_set(raw, Scale(), cache, batch_size=2, info=info)
     views = training_set(strips, Scale(), cache, batch_size=3, info=info)
     out[rank] = raw.read, items.x0.clone(), items.labels.clone(), strips.read, views.x0.clone(), views.lengths.clone()
     torch.distributed.destroy_process_group()
-
 
 
 def _spawn_encoders(cache, broken: int = -1) -> dict:
@@ -260,3 +266,17 @@ def test_ranks_encode_their_shares_into_the_cache_one_process_writes(tmp_path):
         assert torch.equal(x0, single.x0) and torch.equal(labels, single.labels)
         assert torch.equal(views, single_views.x0) and torch.equal(lengths, single_views.lengths)
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "shared").iterdir()) == ["encoded", "views"]  # no parts
+
+
+def test_a_join_whose_parts_another_job_took_reads_that_jobs_cache(tmp_path):
+    """Two jobs encoding the same data into one folder share part names: the first to join writes the cache and
+    removes the parts, and the other, finding a part gone, keeps the cache it finds (or fails without one)."""
+    parts = [tmp_path / f"encoded-key.part{r}-of-2.safetensors" for r in range(2)]
+    for r, part in enumerate(parts):
+        save_file({"x0": torch.full((2, 3), float(r)), "labels": torch.tensor([r, r])}, str(part))
+    _join(parts, tmp_path / "encoded-key.safetensors", "encoded", {})
+    assert load_file(str(tmp_path / "encoded-key.safetensors"))["labels"].tolist() == [0, 0, 1, 1]
+    assert not any(part.exists() for part in parts)
+    _join(parts, tmp_path / "encoded-key.safetensors", "encoded", {})  # the second job: its parts are gone
+    with pytest.raises(FileNotFoundError):
+        _join(parts, tmp_path / "encoded-other.safetensors", "encoded", {})

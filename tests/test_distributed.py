@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scm_mm import SCMLoss, TrigFlowPrecond
 from scm_mm.nn.dit import DiT
-from scm_mm.train.distributed import barrier, init_distributed
+from scm_mm.train.distributed import barrier, from_main, init_distributed
 
 B = 4  # per rank
 
@@ -74,6 +74,7 @@ def _waiting_worker(rank: int, port: int, out: dict) -> None:
         time.sleep(4)
     barrier(info)
     out["host", rank] = "passed"
+    out["view", rank] = from_main(lambda: rank, info)  # every rank gets rank 0's answer
     if rank == 0:
         time.sleep(4)
     try:  # the control: the same wait on the default group
@@ -90,4 +91,5 @@ def test_barrier_waits_past_the_default_groups_timeout():
     out = mp.Manager().dict()
     mp.spawn(_waiting_worker, args=(port, out), nprocs=2, join=True)
     assert out["host", 0] == out["host", 1] == "passed"
+    assert out["view", 0] == out["view", 1] == 0
     assert out["default", 1] == "timed out"

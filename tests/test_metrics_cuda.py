@@ -26,7 +26,10 @@ def scores(device: str, tmp_path) -> tuple[dict[str, float], dict[str, float]]:
     return cpu, ImageModality().evaluate(iter(images.split(8)), reference, device=device, **options)
 
 
-def test_image_scores_on_cuda_are_the_cpus(tmp_path):
+def test_image_scores_on_cuda_are_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, as on the CPU
     cpu, cuda = scores("cuda", tmp_path)
-    for key in ("fid", "is_mean", "precision", "recall"):
+    for key in ("fid", "is_mean"):
         assert cuda[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-4), key
+    for key in ("precision", "recall"):  # counts of samples inside a radius: one may cross it
+        assert abs(cuda[key] - cpu[key]) <= 1 / 24 + 1e-9, key

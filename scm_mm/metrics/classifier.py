@@ -112,13 +112,14 @@ def fit_classifier(
 def extract_features(
     extractor: nn.Module,                           # media (B, ...) -> (features (B, D), logits (B, K))
     media: torch.Tensor | Iterable[torch.Tensor],   # (N, ...), or an iterable of batches
-    batch_size: int = 100,                          # items per forward pass, when given one tensor
+    batch_size: int = 100,                          # items per forward pass at most
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D), logits (N, K)), float32 on the CPU; the extractor runs where its weights lie."""
-    batches = media.split(batch_size) if isinstance(media, torch.Tensor) else media
+    batches = [media] if isinstance(media, torch.Tensor) else media
     weight = next(extractor.parameters(), None)
     device = weight.device if weight is not None else None
-    outputs = [tuple(o.float().cpu() for o in extractor(b.to(device))) for b in batches]
+    outputs = [tuple(o.float().cpu() for o in extractor(chunk.to(device)))
+               for batch in batches for chunk in batch.split(batch_size)]  # fmt: skip
     return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
 
@@ -129,7 +130,7 @@ def feature_scores(
     splits: int = 10,                            # IS splits
     k: int = 3,                                  # neighbour rank of precision / recall
     reference_radii: torch.Tensor | None = None,  # (M,) cached knn_radii of the reference features
-    device: str | torch.device | None = None,    # where precision and recall's distances run; None: the CPU
+    device: str | torch.device | None = None,    # where precision and recall's distances run; None: the reference's
 ) -> dict[str, float]:
     """{"frechet", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the
     reference is given as features (not FeatureStats alone). The distances of precision and recall, N x M

@@ -8,13 +8,16 @@ Hydra submitit launcher starts one task per GPU). A single process needs nothing
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    host_group: Any = field(default=None, compare=False, repr=False)  # see init_distributed
+    host_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)  # see init_distributed
 
     @property
     def is_main(self) -> bool:
@@ -47,14 +50,17 @@ def _export_slurm_environment() -> None:
 def init_distributed(
     device: str = "auto",                       # "auto" (CUDA if available), "cpu" or "cuda"
     backend: str | None = None,                 # None: nccl on CUDA, gloo on CPU
-    wait_timeout: timedelta = timedelta(hours=6),
+    wait_timeout: timedelta | None = timedelta(hours=6),  # of the host group; None: no host group
 ) -> DistInfo:
     """Join the process group if the environment describes one; pick this rank's device.
 
-    Beside the default group, a gloo group with a long timeout (`DistInfo.host_group`) carries `barrier`:
-    the ranks wait there while some do work of their own (encoding their share of a dataset, rank 0
-    writing a checkpoint or evaluating), which can outlast NCCL's 10-minute collective timeout. A rank
-    that dies closes its connections, so the others fail at once rather than at the timeout.
+    Beside the default group, a gloo group with a long timeout (`DistInfo.host_group`) carries `barrier`
+    and `from_main`: the ranks wait there while some do work of their own (encoding their share of a
+    dataset, rank 0 writing a checkpoint or evaluating), which can outlast NCCL's 10-minute collective
+    timeout. A rank that dies closes its connections, so the others fail at once (1.6-2 s in the tests'
+    checks, on one machine), not at the timeout; a rank that hangs holds the others for up to
+    `wait_timeout`. Across nodes gloo needs a network interface the nodes reach each other on
+    (GLOO_SOCKET_IFNAME where the default one does not); wait_timeout=None waits on the default group.
     """
     _export_slurm_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,7 +74,9 @@ def init_distributed(
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world_size)
-    host_group = dist.new_group(backend="gloo", timeout=wait_timeout) if world_size > 1 else None
+    host_group = None
+    if world_size > 1 and wait_timeout is not None:
+        host_group = cast(dist.ProcessGroup, dist.new_group(backend="gloo", timeout=wait_timeout))  # all ranks
     return DistInfo(rank, world_size, local_rank, dev, host_group)
 
 
@@ -76,6 +84,23 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank, on the host group (the default group for a DistInfo built without one)."""
     if info.enabled:
         dist.barrier(group=info.host_group)
+
+
+def from_main(compute: Callable[[], T], info: DistInfo) -> T:
+    """compute() on the main rank, its result (or the exception it raised) on every rank, so that all
+    act on one view (of the file system, say) and none waits for a broadcast that never comes."""
+    if not info.enabled:
+        return compute()
+    box: list[Any] = [None]
+    if info.is_main:
+        try:
+            box[0] = compute()
+        except Exception as e:  # raised on every rank
+            box[0] = e
+    dist.broadcast_object_list(box, src=0, group=info.host_group)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
 
 
 def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:

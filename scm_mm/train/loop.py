@@ -52,7 +52,7 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
-from .distributed import DistInfo, Strategy, barrier, per_rank_batch, wrap_model
+from .distributed import DistInfo, Strategy, barrier, from_main, per_rank_batch, wrap_model
 from .ema import EMA, PowerEMA
 from .step import apply_gradients
 
@@ -308,22 +308,6 @@ def _draw(
     return objective.draw(batch, shape, **kw)
 
 
-def _from_main(compute: Callable[[], Any], info: DistInfo) -> Any:
-    """compute() on the main rank, its result (or the exception it raised) on every rank."""
-    if not info.enabled:
-        return compute()
-    box: list[Any] = [None]
-    if info.is_main:
-        try:
-            box[0] = compute()
-        except Exception as e:  # raised on every rank, so that none waits for a broadcast that never comes
-            box[0] = e
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
-
-
 def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
@@ -392,7 +376,7 @@ def train(
     # The main rank cleans up after killed writers and picks the checkpoint (the newest readable one, for
     # "auto"), so that every rank resumes from the same one.
     it, epoch, micro_in_epoch, skipped = 0, 0, 0, 0
-    source = _from_main(lambda: resume_source(options.resume, run_dir, required=TRAIN_FILES), info)
+    source = from_main(lambda: resume_source(options.resume, run_dir, required=TRAIN_FILES), info)
     if source is not None:
         state = load_state(source)
         micro_in_epoch = resume_position(state, options, dataset, micro, info, source)  # checks the options first

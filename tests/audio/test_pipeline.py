@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 from helpers import config, free_port
+from safetensors.torch import load_file
 
 from scm_mm.app import evaluate, sample, train
 from scm_mm.pipeline import SCMPipeline
@@ -177,16 +178,18 @@ def test_generate_audio_example_trains_caches_and_reuses(tmp_path):
 def test_scm_mm_train_under_torchrun_equals_one_process(tmp_path):
     """scm-mm-train on 2 gloo processes through torchrun: the ranks encode their halves of the mel cache, train
     with the global batch split between them, and end with the weights of one process on the whole batch."""
-    overrides = ["experiment=notes_teacher", "train.iters=2", "train.ckpt_every=0", "train.sample_every=0",
-                 f"cache_dir={tmp_path / 'cache'}", *TINY]  # fmt: skip
+    overrides = ["experiment=notes_teacher", "train.iters=2", "train.ckpt_every=0", "train.sample_every=0", *TINY]
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    done = subprocess.run([*launch, "-m", "scm_mm.app.train", f"run_dir={tmp_path / 'two'}", *overrides],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    two = [f"run_dir={tmp_path / 'two'}", f"cache_dir={tmp_path / 'cache-two'}"]
+    done = subprocess.run([*launch, "-m", "scm_mm.app.train", *two, *overrides], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["encoded"]  # joined, no parts left
-    train.run(config("train", [f"run_dir={tmp_path / 'one'}", *overrides]))
+    train.run(config("train", [f"run_dir={tmp_path / 'one'}", f"cache_dir={tmp_path / 'cache-one'}", *overrides]))
+    (shared,), (alone,) = ((tmp_path / name).iterdir() for name in ("cache-two", "cache-one"))  # joined: no parts
+    assert shared.name == alone.name and load_file(str(shared)).keys() == {"x0", "labels"}
+    assert all(torch.equal(v, load_file(str(alone))[k]) for k, v in load_file(str(shared)).items())
     two, one = (load_weights(resolve_checkpoint(tmp_path / name), "model") for name in ("two", "one"))
     assert two.keys() == one.keys()
     for key in one:

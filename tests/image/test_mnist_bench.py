@@ -47,3 +47,8 @@ def test_holdout_trains_on_other_digits_than_the_fid_reference(tmp_path):
         bench.split_digits(argparse.Namespace(resolution=16, holdout=0), tmp_path)
     everything, real = bench.split_digits(argparse.Namespace(resolution=16, holdout=0), tmp_path / "all")
     assert len(everything) == 5000 and torch.equal(real[7], everything[7][0])
+    (tmp_path / "old" / "teacher").mkdir(parents=True)  # runs from before the record: trained on all 5,000
+    with pytest.raises(SystemExit, match="'holdout': 0"):
+        bench.split_digits(argparse.Namespace(resolution=16, holdout=1000), tmp_path / "old")
+    with pytest.raises(SystemExit, match="must be in"):
+        bench.split_digits(argparse.Namespace(resolution=16, holdout=5000), tmp_path / "new")

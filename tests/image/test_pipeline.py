@@ -11,6 +11,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_eval_app_scores_the_samples_a_batch_at_a_time(runs, tmp_path, monkeypat
             for batch in images:
                 seen.append(batch.shape[0])
                 yield batch
+                time.sleep(0.5)  # scoring that takes a while: not sampling time
 
         assert not isinstance(images, torch.Tensor)
         return score(self, batches(), *args, **kwargs)
@@ -110,7 +112,7 @@ def test_eval_app_scores_the_samples_a_batch_at_a_time(runs, tmp_path, monkeypat
     monkeypatch.setattr(ImageModality, "evaluate", recording)
     overrides = [f"checkpoint={runs / 'scd'}", "n=20", "batch_size=8", f"classifier_path={tmp_path / 'clf'}"]
     result = evaluate.run(config("eval", [*overrides, "device=cpu"]))
-    assert seen == [8, 8, 4] and result["sampling_seconds"] > 0
+    assert seen == [8, 8, 4] and 0 < result["sampling_seconds"] < 1
     model = ImageSCM.load(runs / "scd")
     images = model.generate(20, labels=model.labels_for(20, None), seed=1, batch_size=8)
     whole = score(ImageModality(), images, MNIST(resolution=16), classifier_path=str(tmp_path / "clf"))
@@ -123,6 +125,8 @@ def test_decoded_batches_are_the_samples_of_sample_latents_decoded_batch_by_batc
     decoded = []
     monkeypatch.setattr(model.codec, "decode", lambda x0: decoded.append(len(x0)) or (x0 * 0).to(torch.uint8))
     assert [len(b) for b in model.decoded_batches(10, seed=3, batch_size=4)] == decoded == [4, 4, 2]
+    with pytest.raises(ValueError, match="labels must be in"):  # checked at the call, not at the first batch
+        model.latent_batches(2, labels=[10, 1])
     batches = list(model.latent_batches(10, seed=3, batch_size=4))
     torch.testing.assert_close(torch.cat(batches), model.sample_latents(10, seed=3, batch_size=4), rtol=0, atol=0)
 
