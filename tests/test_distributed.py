@@ -75,6 +75,7 @@ def _waiting_worker(rank: int, port: int, out: dict) -> None:
     barrier(info)
     out["host", rank] = "passed"
     out["view", rank] = from_main(lambda: rank, info)  # every rank gets rank 0's answer
+    out["no host group", rank] = init_distributed("cpu", wait_timeout=None).host_group is None  # host_wait_hours=null
     if rank == 0:
         time.sleep(4)
     try:  # the control: the same wait on the default group
@@ -92,4 +93,5 @@ def test_barrier_waits_past_the_default_groups_timeout():
     mp.spawn(_waiting_worker, args=(port, out), nprocs=2, join=True)
     assert out["host", 0] == out["host", 1] == "passed"
     assert out["view", 0] == out["view", 1] == 0
+    assert out["no host group", 0] and out["no host group", 1]
     assert out["default", 1] == "timed out"

@@ -12,6 +12,7 @@ built from JSON specs) before the loop sees them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -76,7 +77,8 @@ def require_values(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> Any:
     """Train what `cfg` describes; returns the loop's TrainResult (or a modality trainer's result)."""
     require_values(cfg)
-    info = init_distributed(cfg.device)
+    hours = cfg.get("host_wait_hours")
+    info = init_distributed(cfg.device, wait_timeout=timedelta(hours=hours) if hours else None)
     run_dir = Path(cfg.run_dir)
     modality = get_modality(cfg.modality.name)
     raw = instantiate(cfg.data.dataset)
