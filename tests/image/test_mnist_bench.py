@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def test_mnist_bench_runs_and_reports_both_targets(tmp_path):
+    """With 1,000 digits held out, and bench/mnist_reference.py on its teacher."""
     script = Path(__file__).parents[2] / "bench" / "image_mnist.py"
-    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--threads", "1", "--n", "40"]
+    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--threads", "1", "--n", "40", "--holdout", "1000"]
     cmd += ["--teacher-iters", "3", "--student-iters", "3", "--batch", "8", "--student-batch", "8"]
     cmd += ["--teacher-steps", "2", "--dpmpp-steps", "2", "4", "--seeds", "4", "--select-seeds", "1"]
     cmd += ["--ema", "0.1", "0.2", "--speed-rounds", "2"]
@@ -26,6 +27,11 @@ def test_mnist_bench_runs_and_reports_both_targets(tmp_path):
     assert summary["teacher_best"]["fid"] == min(r["fid"] for r in results["rows"] if r["model"] == "teacher")
     assert summary["scd2_fid_over_teacher"] > 0
     assert len(summary["teacher_plateau_time_over_scd2_side_by_side"]["rounds"]) == 2
+
+    reference = [sys.executable, str(script.with_name("mnist_reference.py")), "--out", str(tmp_path), "--n", "20"]
+    lines = subprocess.run([*reference, "--seeds", "4", "--threads", "1"], check=True, capture_output=True, text=True)
+    rows = [json.loads(line) for line in lines.stdout.splitlines() if line.startswith("{")]
+    assert [r["sampler"] for r in rows] == ["heun", "dpmpp_2m"] and all(r["held-out"]["mean"] > 0 for r in rows)
 
 
 def test_holdout_trains_on_other_digits_than_the_fid_reference(tmp_path):
