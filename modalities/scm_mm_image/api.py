@@ -18,8 +18,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid
 
-from scm_mm.metrics import media_batches, subset_indices
-from scm_mm.metrics.classifier import cached_classifier, extract_features
+from scm_mm.metrics import subset_indices
+from scm_mm.metrics.classifier import cached_classifier, reference_features
 from scm_mm.pipeline import SCMPipeline
 
 from .codecs import PixelCodec, SDVAECodec, codec_from_state
@@ -77,7 +77,7 @@ class ImageModality:
         features: str = "classifier",   # "classifier" (offline FID) or "inception"
         inception_path: str | None = None,
         classifier_path: str | None = None,
-        cache_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,  # the classifier trained here and the reference's features
         max_reference: int = 50_000,    # real images scored against: a random subset of this size
         reference_seed: int = 0,        # which subset; fixed, so scores are reproducible
         batch_size: int = 100,          # images per forward pass of the extractor
@@ -90,7 +90,8 @@ class ImageModality:
         "classifier": the feature space of a small classifier trained on the reference data (the
         SC09 recipe), loaded from `classifier_path` or trained once and cached by the data's
         fingerprint. "inception": the standard FID network, from a local weights file only. Batches of
-        generated images are scored as they come, so only their features are kept.
+        generated images are scored as they come, so only their features are kept; the reference's
+        features are computed once and kept in `cache_dir` (`reference_features`).
         """
         extractor: torch.nn.Module
         if features == "inception":
@@ -101,7 +102,7 @@ class ImageModality:
             raise ValueError(f"features must be 'classifier' or 'inception', got {features!r}")
         extractor.to(device)
         indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
-        real = extract_features(extractor, media_batches(reference, indices, batch_size))[0]  # (M, D), streamed
+        real = reference_features(extractor, reference, indices, batch_size, cache_dir)  # (M, D), once per data
         scores = evaluate_images(images, real, extractor, batch_size, device=device)
         return {**scores, "reference_images": len(indices), "reference_seed": reference_seed}
 

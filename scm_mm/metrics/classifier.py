@@ -10,6 +10,7 @@ runs that use the same classifier file.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -18,11 +19,13 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
 from .precision_recall import precision_recall
+from .reference import media_batches
 
 Classifier = TypeVar("Classifier", bound=nn.Module)
 FEW_ITEMS = 16  # `fit_classifier` warns when trained on fewer items than this
@@ -121,6 +124,36 @@ def extract_features(
     outputs = [tuple(o.float().cpu() for o in extractor(chunk.to(device)))
                for batch in batches for chunk in batch.split(batch_size)]  # fmt: skip
     return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+
+def reference_features(
+    extractor: nn.Module,                  # media (B, ...) -> (features (B, D), logits (B, K))
+    reference: Any,                        # the real items; a dataset with a `fingerprint` can be cached
+    indices: torch.Tensor,                 # which of them (scm_mm.metrics.subset_indices)
+    batch_size: int = 100,
+    cache_dir: str | Path | None = None,   # where features computed here are kept; None: never kept
+) -> torch.Tensor:
+    """(M, D) features of reference[indices], float32 on the CPU: computed once per data, items and extractor
+    weights, then read from `cache_dir`, so an evaluation every N training iterations reads ImageNet's
+    50,000 reference images once, not at every evaluation."""
+    fingerprint = str(getattr(reference, "fingerprint", ""))
+    path = None
+    if cache_dir is not None and fingerprint:
+        key = hashlib.sha256(f"{fingerprint}:{type(extractor).__name__}".encode())
+        key.update(indices.to(torch.int64).numpy().tobytes())
+        for name, tensor in sorted(extractor.state_dict().items()):  # the weights, not where they came from
+            key.update(name.encode())
+            key.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        path = Path(cache_dir) / f"reference-features-{key.hexdigest()[:16]}.safetensors"
+        if path.exists():
+            return load_file(str(path))["features"]
+    features = extract_features(extractor, media_batches(reference, indices, batch_size), batch_size)[0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        save_file({"features": features.contiguous()}, str(tmp))
+        os.replace(tmp, path)  # atomic: a killed evaluation leaves no half-written file
+    return features
 
 
 def feature_scores(

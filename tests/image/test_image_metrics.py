@@ -118,6 +118,33 @@ def test_the_reference_is_a_seeded_subset_across_classes(tmp_path):
     assert subset_indices(40, 50, 0).tolist() == list(range(40))  # all of a small reference
 
 
+def test_the_reference_features_are_computed_once_per_data_subset_and_extractor(tmp_path):
+    """With a cache folder, an evaluation every N iterations reads the reference once; another subset or
+    other extractor weights compute theirs; a dataset without a fingerprint is never cached."""
+    from scm_mm_image import ImageModality
+
+    labels = torch.arange(4).repeat_interleave(10)
+    images = (labels * 60).to(torch.uint8).reshape(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    torch.manual_seed(0)
+    ClassifierFeatures(in_channels=1, image_size=8, num_classes=4, width=8).save(tmp_path / "clf")
+    ClassifierFeatures(in_channels=1, image_size=8, num_classes=4, width=8).save(tmp_path / "other")
+
+    def scored(reference, seed=0, clf="clf"):
+        return ImageModality().evaluate(images[::3], reference, classifier_path=tmp_path / clf, max_reference=12,
+                                        reference_seed=seed, cache_dir=tmp_path / "cache")  # fmt: skip
+
+    reference = Recording(images, labels)
+    reference.fingerprint = "recording-40"
+    first = scored(reference)
+    assert len(reference.read) == 12 and scored(reference) == first and len(reference.read) == 12  # from the cache
+    scored(reference, seed=1)
+    scored(reference, clf="other")
+    assert len(reference.read) == 36 and len(list((tmp_path / "cache").iterdir())) == 3
+    unnamed = Recording(images, labels)
+    scored(unnamed), scored(unnamed)
+    assert len(unnamed.read) == 24
+
+
 def test_classifier_learns_and_round_trips(digits, tmp_path):
     images, labels = digits
     model = train_classifier(Digits(images[:1500], labels[:1500]), batch_size=32, max_steps=150, seed=0)
