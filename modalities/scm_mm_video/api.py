@@ -112,7 +112,7 @@ class VideoModality:
         media = media if isinstance(media, torch.Tensor) else torch.cat(list(media))
         video_net, frame_net = cached_video_classifiers(reference, cache_dir, path=classifier_path)
         return evaluate_video(media, reference, video_net, frame_net, max_reference=max_reference,
-                              seed=reference_seed)  # fmt: skip
+                              seed=reference_seed, cache_dir=cache_dir)  # fmt: skip
 
 
 class VideoSCM(SCMPipeline):

@@ -20,6 +20,7 @@ never with published FVDs.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from scm_mm.metrics.classifier import cached_classifier, extract_features, feature_scores
+from scm_mm.metrics.classifier import cached_classifier, cached_features, extract_features, feature_scores
 from scm_mm.metrics.frechet import FeatureStats
 from scm_mm.metrics.reference import media_batches, subset_indices
 from scm_mm.metrics.timing import median_seconds
@@ -373,6 +374,7 @@ def reference_features(
     seed: int = 0,                        # which subset (subset_indices); fixed, so scores are reproducible
     batch_size: int = 100,                # clips read and featurised at a time
     frame_batch_size: int = 500,          # frames per forward pass of frame_net
+    cache_dir: str | Path | None = None,  # where they are kept, by data, clips and weights; None: not kept
 ) -> dict[str, torch.Tensor]:
     """{"video": (M, D) features of M = min(max_reference, len) real clips, "frame": (M T, D') of all their
     frames, "shape": (C, T, H, W) of the clips, "indices": (M,) which clips, "seed"}, to score many generated
@@ -383,6 +385,16 @@ def reference_features(
     indices = subset_indices(len(reference), max_reference, seed)  # type: ignore[arg-type]
     if not len(indices):
         raise ValueError("reference_features needs at least one reference clip, got an empty dataset")
+    compute = functools.partial(_reference_features, reference, indices, video_net, frame_net, batch_size,
+                                frame_batch_size)  # fmt: skip
+    return {**cached_features(cache_dir, reference, indices, [video_net, frame_net], compute),
+            "seed": torch.tensor(seed)}  # fmt: skip
+
+
+def _reference_features(
+    reference: Dataset, indices: torch.Tensor, video_net: VideoClassifier, frame_net: FrameClassifier,
+    batch_size: int, frame_batch_size: int,
+) -> dict[str, torch.Tensor]:
     video, frame, shape = [], [], None
     pending: torch.Tensor | None = None  # frames not yet in a full frame batch
     for clips in media_batches(reference, indices, batch_size):
@@ -395,8 +407,7 @@ def reference_features(
         pending = frames[full:]
     if pending is not None and len(pending):
         frame.append(extract_features(frame_net, pending, frame_batch_size)[0])
-    return {"video": torch.cat(video), "frame": torch.cat(frame), "shape": torch.tensor(shape),
-            "indices": indices, "seed": torch.tensor(seed)}
+    return {"video": torch.cat(video), "frame": torch.cat(frame), "shape": torch.tensor(shape), "indices": indices}
 
 
 @torch.no_grad()
@@ -427,11 +438,12 @@ def evaluate_video(
     frame_net: FrameClassifier,
     max_reference: int = 2000,            # real clips scored against (a seeded random subset)
     seed: int = 0,                        # which subset (subset_indices)
+    cache_dir: str | Path | None = None,  # where the reference's features are kept (reference_features)
 ) -> dict[str, float]:
     """{"fvd", "frame_fd", "is_mean", "is_std", "precision", "recall"} of generated clips against
     min(max_reference, len) reference clips drawn with `seed` (see the module docstring), and
     "reference_clips", "reference_seed": the subset's size and seed, which with the dataset name its clips."""
-    real = reference_features(reference, video_net, frame_net, max_reference, seed)
+    real = reference_features(reference, video_net, frame_net, max_reference, seed, cache_dir=cache_dir)
     scores = video_scores(generated, real, video_net, frame_net)
     return {**scores, "reference_clips": len(real["indices"]), "reference_seed": seed}
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -134,26 +134,43 @@ def reference_features(
     cache_dir: str | Path | None = None,   # where features computed here are kept; None: never kept
 ) -> torch.Tensor:
     """(M, D) features of reference[indices], float32 on the CPU: computed once per data, items and extractor
-    weights, then read from `cache_dir`, so an evaluation every N training iterations reads ImageNet's
-    50,000 reference images once, not at every evaluation."""
+    weights, then read from `cache_dir` (`cached_features`), so an evaluation every N training iterations
+    reads ImageNet's 50,000 reference images once, not at every evaluation."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        return {"features": extract_features(extractor, media_batches(reference, indices, batch_size), batch_size)[0]}
+
+    return cached_features(cache_dir, reference, indices, [extractor], compute)["features"]
+
+
+def cached_features(
+    cache_dir: str | Path | None,              # where they are kept; None: always computed
+    reference: Any,                            # the real items; without a `fingerprint`, always computed
+    indices: torch.Tensor,                     # which of them
+    extractors: Sequence[nn.Module],           # the networks the features come from
+    compute: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """compute(), or what an earlier call with the same data, items and extractor weights kept in cache_dir
+    (a safetensors file named by a hash of the three: the weights themselves, not where they were loaded)."""
     fingerprint = str(getattr(reference, "fingerprint", ""))
-    path = None
-    if cache_dir is not None and fingerprint:
-        key = hashlib.sha256(f"{fingerprint}:{type(extractor).__name__}".encode())
-        key.update(indices.to(torch.int64).numpy().tobytes())
-        for name, tensor in sorted(extractor.state_dict().items()):  # the weights, not where they came from
+    if cache_dir is None or not fingerprint:
+        return compute()
+    key = hashlib.sha256(fingerprint.encode())
+    key.update(indices.to(torch.int64).numpy().tobytes())
+    for extractor in extractors:
+        key.update(type(extractor).__name__.encode())
+        for name, tensor in sorted(extractor.state_dict().items()):
             key.update(name.encode())
             key.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        path = Path(cache_dir) / f"reference-features-{key.hexdigest()[:16]}.safetensors"
-        if path.exists():
-            return load_file(str(path))["features"]
-    features = extract_features(extractor, media_batches(reference, indices, batch_size), batch_size)[0]
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({"features": features.contiguous()}, str(tmp))
-        os.replace(tmp, path)  # atomic: a killed evaluation leaves no half-written file
-    return features
+    path = Path(cache_dir) / f"reference-features-{key.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: a killed evaluation leaves no half-written file
+    return tensors
 
 
 def feature_scores(

@@ -213,6 +213,17 @@ def test_the_reference_set_is_a_seeded_random_subset_not_the_first_clips():
     assert len(labels.unique()) == 101 and torch.equal(labels, subset_indices(101 * 95, 2000) // 95)
 
 
+def test_reference_features_are_kept_once_per_data_clips_and_nets(tmp_path):
+    data = ByClass(classes=3, per_class=10)
+    data.fingerprint = "by-class-30"
+    nets = VideoClassifier(width=4).eval(), FrameClassifier(width=4).eval()
+    real = reference_features(data, *nets, max_reference=9, cache_dir=tmp_path)
+    kept = reference_features(data, *nets, max_reference=9, cache_dir=tmp_path)  # read from the cache
+    assert len(data.read) == 9 and all(torch.equal(kept[k], v) for k, v in real.items())
+    reference_features(data, VideoClassifier(width=4).eval(), nets[1], max_reference=9, cache_dir=tmp_path)
+    assert len(data.read) == 18 and len(list(tmp_path.iterdir())) == 2  # other weights: computed and kept
+
+
 def test_reference_features_are_read_in_batches_and_equal_the_stacked_ones():
     """reference_features reads and featurises batch_size clips at a time (was: all max_reference clips
     stacked at once), and its features are those of the whole stack, bit for bit: the clips in chunks of
