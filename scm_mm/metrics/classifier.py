@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .frechet import FeatureStats, frechet_distance
@@ -151,7 +150,8 @@ def cached_features(
     compute: Callable[[], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """compute(), or what an earlier call with the same data, items and extractor weights kept in cache_dir
-    (a safetensors file named by a hash of the three: the weights themselves, not where they were loaded)."""
+    (a file of tensors named by a hash of the three: the weights themselves, not where they were loaded;
+    torch's format, as the core's metrics depend on torch alone, read with weights_only)."""
     fingerprint = str(getattr(reference, "fingerprint", ""))
     if cache_dir is None or not fingerprint:
         return compute()
@@ -162,13 +162,13 @@ def cached_features(
         for name, tensor in sorted(extractor.state_dict().items()):
             key.update(name.encode())
             key.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    path = Path(cache_dir) / f"reference-features-{key.hexdigest()[:16]}.safetensors"
+    path = Path(cache_dir) / f"reference-features-{key.hexdigest()[:16]}.pt"
     if path.exists():
-        return load_file(str(path))
+        return torch.load(path, weights_only=True)  # tensors and containers only, no arbitrary objects
     tensors = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    torch.save({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)  # atomic: a killed evaluation leaves no half-written file
     return tensors
 
