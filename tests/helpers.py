@@ -1,7 +1,11 @@
 """Small models and a Hydra composer shared by the tests."""
 
+import runpy
 import socket
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_module
 
@@ -46,3 +50,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_example_samplers(example: Path, runs: Path, out: Path, suffix: str, monkeypatch, capsys, *extra) -> Path:
+    """An examples/generate_*.py script on a teacher run and an sCD run (runs/teacher, runs/scd): the teacher
+    samples with its ODE solver (Heun, or --method), refuses --guidance (it has no CFG scale input), the
+    student takes 2 consistency steps. `extra` goes to every call. Returns the teacher's Heun output file."""
+
+    def run(*args) -> None:
+        monkeypatch.setattr(sys, "argv", [str(example), *map(str, args), *map(str, extra)])
+        runpy.run_path(str(example), run_name="__main__")
+
+    run("--checkpoint", runs / "teacher", "--out", out / f"t{suffix}", "--steps", 2)
+    assert "diffusion checkpoint: heun sampler, 2 steps" in capsys.readouterr().out  # was 2 consistency steps
+    run("--checkpoint", runs / "teacher", "--out", out / f"e{suffix}", "--method", "euler", "--steps", 3, "--seed", 1)
+    assert "euler sampler, 3 steps" in capsys.readouterr().out and (out / f"e{suffix}").is_file()
+    with pytest.raises(ValueError, match="guidance"):  # the teacher has no CFG scale input
+        run("--checkpoint", runs / "teacher", "--out", out / f"g{suffix}", "--guidance", 1.5)
+    run("--checkpoint", runs / "scd", "--out", out / f"s{suffix}", "--t-mid", 0.9)
+    assert "scd checkpoint: consistency sampler, 2 steps" in capsys.readouterr().out
+    return out / f"t{suffix}"

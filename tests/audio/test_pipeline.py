@@ -6,7 +6,6 @@ a vocoder of another mel spec refused, and the example script end to end.
 
 import importlib.util
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from helpers import config, free_port
+from helpers import check_example_samplers, config, free_port
 from safetensors.torch import load_file
 
 from scm_mm.app import evaluate, sample, train
@@ -138,24 +137,10 @@ def test_generate_audio_example_vocodes_a_checkpoint_with_the_recipes_vocoder_be
     assert "played by five\ntimbres" in EXAMPLE.read_text()  # as SynthNotes and configs/data/notes.yaml
 
 
-def run_example(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), *map(str, args)])
-    runpy.run_path(str(EXAMPLE), run_name="__main__")
-
-
 def test_generate_audio_example_samples_teacher_and_student_checkpoints(runs, tmp_path, monkeypatch, capsys):
     one = ["--n", 1, "--vocoder", runs / "vocoder"]
-    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "t.wav", "--steps", 2, *one)
-    assert "diffusion checkpoint: heun sampler, 2 steps" in capsys.readouterr().out  # a teacher gets an ODE solver
-    assert sf.info(tmp_path / "t.wav").frames == 31 * 256  # no guidance input given: the teacher has none
-    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "e.wav", "--method", "euler",
-                "--steps", 3, "--seed", 1, *one)  # fmt: skip
-    assert "euler sampler, 3 steps" in capsys.readouterr().out and (tmp_path / "e.wav").is_file()
-    with pytest.raises(ValueError, match="guidance"):  # the teacher has no CFG scale input
-        run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "g.wav", "--guidance", 1.5,
-                    *one)  # fmt: skip
-    run_example(monkeypatch, "--checkpoint", runs / "scd", "--out", tmp_path / "s.wav", "--t-mid", 0.9, *one)
-    assert "scd checkpoint: consistency sampler, 2 steps" in capsys.readouterr().out
+    teacher = check_example_samplers(EXAMPLE, runs, tmp_path, ".wav", monkeypatch, capsys, *one)
+    assert sf.info(teacher).frames == 31 * 256  # no guidance input given: the teacher has none
 
 
 def test_sample_app_names_its_output_after_the_modality(runs, tmp_path, monkeypatch):

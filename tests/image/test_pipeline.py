@@ -7,7 +7,6 @@ import json
 import math
 import os
 import pickle
-import runpy
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import config
+from helpers import check_example_samplers, config
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from PIL import Image
@@ -263,22 +262,8 @@ def test_every_experiment_composes_and_builds_its_net(name):
 EXAMPLE = Path(__file__).parents[2] / "examples" / "generate_image.py"
 
 
-def run_example(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), *map(str, args)])
-    runpy.run_path(str(EXAMPLE), run_name="__main__")
-
-
 def test_generate_image_example_samples_teacher_and_student_checkpoints(runs, tmp_path, monkeypatch, capsys):
-    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "t.png", "--n", 2, "--steps", 2)
-    assert "diffusion checkpoint: heun sampler, 2 steps" in capsys.readouterr().out  # was 2 consistency steps
-    assert (tmp_path / "t.png").is_file()
-    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "e.png", "--n", 1,
-                "--method", "euler", "--steps", 3, "--seed", 1)  # fmt: skip
-    assert "euler sampler, 3 steps" in capsys.readouterr().out and (tmp_path / "e.png").is_file()
-    with pytest.raises(ValueError, match="guidance"):  # the teacher has no CFG scale input
-        run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "g.png", "--guidance", 1.5)
-    run_example(monkeypatch, "--checkpoint", runs / "scd", "--out", tmp_path / "s.png", "--n", 1, "--t-mid", 0.9)
-    assert "scd checkpoint: consistency sampler, 2 steps" in capsys.readouterr().out
+    assert check_example_samplers(EXAMPLE, runs, tmp_path, ".png", monkeypatch, capsys, "--n", 1).is_file()
 
 
 def test_sample_app_names_its_output_after_the_modality(runs, tmp_path, monkeypatch):

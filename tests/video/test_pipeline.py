@@ -5,14 +5,13 @@ its own autoencoder, and the example script end to end.
 """
 
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import config
+from helpers import check_example_samplers, config
 
 from scm_mm.app import evaluate, sample, train
 from scm_mm.pipeline import SCMPipeline
@@ -98,22 +97,8 @@ def test_sample_and_eval_apps(runs, tmp_path):
 EXAMPLE = Path(__file__).parents[2] / "examples" / "generate_video.py"
 
 
-def run_example(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), *map(str, args)])
-    runpy.run_path(str(EXAMPLE), run_name="__main__")
-
-
 def test_generate_video_example_samples_teacher_and_student_checkpoints(runs, tmp_path, monkeypatch, capsys):
-    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "t.mp4", "--n", 1, "--steps", 2)
-    assert "diffusion checkpoint: heun sampler, 2 steps" in capsys.readouterr().out  # a teacher gets an ODE solver
-    assert probe(tmp_path / "t.mp4").frames == 5
-    run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "e.mp4", "--n", 1,
-                "--method", "euler", "--steps", 3, "--seed", 1)  # fmt: skip
-    assert "euler sampler, 3 steps" in capsys.readouterr().out and (tmp_path / "e.mp4").is_file()
-    with pytest.raises(ValueError, match="guidance"):  # the teacher has no CFG scale input
-        run_example(monkeypatch, "--checkpoint", runs / "teacher", "--out", tmp_path / "g.mp4", "--guidance", 1.5)
-    run_example(monkeypatch, "--checkpoint", runs / "scd", "--out", tmp_path / "s.mp4", "--n", 1, "--t-mid", 0.9)
-    assert "scd checkpoint: consistency sampler, 2 steps" in capsys.readouterr().out
+    assert probe(check_example_samplers(EXAMPLE, runs, tmp_path, ".mp4", monkeypatch, capsys, "--n", 1)).frames == 5
 
 
 def test_sample_app_names_its_output_after_the_modality(runs, tmp_path, monkeypatch):
