@@ -25,17 +25,22 @@ A modality that scm-mm-eval and `train.eval_every` can score has `evaluate(media
 device=..., **options) -> dict[str, float]`: `media` is decoded samples, one tensor or an iterable of
 batches of them (scm-mm-eval streams them, `SCMPipeline.decoded_batches`), `reference` the run's raw
 dataset, `device` where the model runs (the metrics may run there too), and options it does not know it
-ignores.
+ignores. One that can score a distributed evaluation also takes `shards` (scm_mm.train.distributed.Shards):
+then `media` is this process's share, and it returns the scores of every process's samples.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from .train.distributed import Shards
 
 ENTRY_POINT_GROUP = "scm_mm.modalities"
 
@@ -122,6 +127,18 @@ def check_state(expected: Mapping[str, Any], found: Mapping[str, Any], what: str
     diff = state_differences(expected, found)
     if diff:
         raise ValueError(f"{what} differ in {len(diff)} field(s) (expected != found):\n" + "\n".join(diff))
+
+
+def sharded_evaluation(modality: Modality, shards: Shards) -> dict[str, Any]:
+    """The keywords that give a modality's `evaluate` its share of the samples: {"shards": shards} under
+    torchrun, none on one process. Under torchrun a modality whose evaluate takes no shards is refused: it
+    would score each process's share alone."""
+    if not shards.info.enabled:
+        return {}
+    if "shards" not in inspect.signature(modality.evaluate).parameters:  # type: ignore[attr-defined]
+        raise ValueError(f"the {modality.name} modality's evaluate takes no shards: it cannot score samples "
+                         "shared between processes; run the evaluation without torchrun")  # fmt: skip
+    return {"shards": shards}
 
 
 def available_modalities() -> dict[str, str]:

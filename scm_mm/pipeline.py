@@ -10,12 +10,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .modality import Codec, Modality, codec_to, get_modality
 from .precond import TrigFlowPrecond
 from .samplers import sample
 from .train.build import load_model
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch `index` of a draw seeded with `seed`: numpy's SeedSequence mixes the two, so that
+    neighbouring seeds and batches start unrelated streams."""
+    return int(np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0])
 
 
 class SCMPipeline:
@@ -82,25 +89,29 @@ class SCMPipeline:
         churn: float = 0.0,             # method="heun" only: EDM's stochastic sampling (S_churn)
         batch_size: int = 64,
         shape: Sequence[int] | None = None,  # (C, *dims) of one sample; None: the training shape
+        shard: tuple[int, int] = (0, 1),     # (rank, world size): draw batches rank, rank + world, ... only
     ) -> Iterator[torch.Tensor]:
-        """x0 samples before decoding, `batch_size` at a time on the model's device; the same seed gives
-        the same samples. The labels are checked now, the samples drawn as the batches are asked for."""
+        """x0 samples before decoding, `batch_size` at a time on the model's device. Batch k draws its noise
+        from a generator of its own, seeded with `batch_seed(seed, k)`: the same seed and batch size give the
+        same samples, however the batches are shared between processes (`shard`, `Shards`). The labels are
+        checked now, the samples drawn as the batches are asked for."""
         ys = self.labels_for(n, labels)
-        generator = torch.Generator(self.device)
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world size) with 0 <= rank < world size, got {shard}")
         if seed is None:
-            generator.seed()  # a fresh seed for this generator alone (torch.seed() would reseed the global one)
-        else:
-            generator.manual_seed(seed)
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])  # fresh; the global RNG untouched
 
         @torch.no_grad()
         def batches() -> Iterator[torch.Tensor]:
-            for start in range(0, n, batch_size):
+            for start in range(rank * batch_size, n, world * batch_size):
                 b = min(batch_size, n - start)
                 cond: dict[str, Any] = {}
                 if ys is not None:
                     cond["labels"] = ys[start : start + b].to(self.device)
                 if guidance is not None:
                     cond["guidance"] = torch.full((b,), float(guidance), device=self.device)
+                generator = torch.Generator(self.device).manual_seed(batch_seed(seed, start // batch_size))
                 batch_shape = (b, *(self.sample_shape if shape is None else shape))
                 yield sample(self.model, batch_shape, method=method, steps=steps, t_mid=t_mid, generator=generator,
                              churn=churn, device=self.device, **cond)  # fmt: skip

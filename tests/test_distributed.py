@@ -3,7 +3,9 @@
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scm_mm import SCMLoss, TrigFlowPrecond
 from scm_mm.nn.dit import DiT
-from scm_mm.train.distributed import barrier, from_main, init_distributed
+from scm_mm.train.distributed import DistInfo, Shards, barrier, from_main, init_distributed
 
 B = 4  # per rank
 
@@ -95,3 +97,50 @@ def test_barrier_waits_past_the_default_groups_timeout():
     assert out["view", 0] == out["view", 1] == 0
     assert out["no host group", 0] and out["no host group", 1]
     assert out["default", 1] == "timed out"
+
+
+def _sharding_worker(rank: int, port: int, folder: str, out: dict) -> None:
+    """11 samples in batches of 3: rank 0 draws batches 0 and 2 (samples 0-2, 6-8), rank 1 batches 1 and 3
+    (3-5, 9-10)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    info = init_distributed("cpu")
+    shards = Shards(11, 3, info)
+    mine = torch.tensor([[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10]][rank])
+    out["sizes", rank] = shards.batch_sizes(rank)
+    out["rows", rank] = shards.gather(mine).tolist()
+    out["features", rank] = shards.gather(mine[:, None] * torch.ones(1, 3, dtype=torch.float64)).shape
+    without = Shards(11, 3, init_distributed("cpu", wait_timeout=None))  # on the default group
+    out["default group", rank] = without.gather(mine).tolist()
+    cached = Path(folder) / "cached"
+    with shards.main_first():  # rank 0 computes and caches; rank 1 finds the cache
+        if rank == 0:
+            time.sleep(1)
+        out["found", rank] = cached.exists()
+        cached.touch()
+    try:
+        with shards.main_first():
+            if rank == 0:
+                raise RuntimeError("no weights")
+            out["after a failure", rank] = "ran"
+    except RuntimeError:
+        out["after a failure", rank] = "raised"
+
+
+def test_shards_gather_every_ranks_rows_in_sample_order(tmp_path):
+    port = free_port()
+    out = mp.Manager().dict()
+    mp.spawn(_sharding_worker, args=(port, str(tmp_path), out), nprocs=2, join=True)
+    assert out["sizes", 0] == [3, 3] and out["sizes", 1] == [3, 2]
+    for rank in (0, 1):
+        assert out["rows", rank] == out["default group", rank] == list(range(11))
+        assert out["features", rank] == (11, 3)
+    assert (out["found", 0], out["found", 1]) == (False, True)
+    assert (out["after a failure", 0], out["after a failure", 1]) == ("raised", "ran")
+
+
+def test_shards_refuse_a_rank_without_a_batch_and_gather_nothing_on_one_process():
+    with pytest.raises(ValueError, match="without a batch; lower the batch size"):
+        Shards(8, 8, DistInfo(rank=0, world_size=2))
+    rows = torch.arange(5)
+    assert Shards().gather(rows) is rows and Shards().shard == (0, 1)

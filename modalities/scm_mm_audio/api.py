@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from scm_mm.metrics.classifier import cached_classifier
 from scm_mm.metrics.reference import subset_indices
 from scm_mm.pipeline import SCMPipeline
+from scm_mm.train.distributed import Shards
 
 from .codec import MelCodec, codec_from_state
 from .io import save_wav
@@ -96,6 +97,7 @@ class AudioModality:
         cache_dir: str | Path | None = None,
         max_reference: int = 5000,      # real clips scored against: a random subset of this size
         reference_seed: int = 0,        # which subset; fixed, so scores are reproducible
+        shards: Shards | None = None,   # a distributed evaluation: `waves` are this process's share
         **_: Any,                       # image-only options of scm-mm-eval (features, inception_path)
     ) -> dict[str, float]:
         """Frechet distance, IS, precision and recall in the features of a classifier trained on the
@@ -104,11 +106,14 @@ class AudioModality:
         ones, which a folder sorts by speaker or class), reported as "reference_clips" and "reference_seed".
         A reference of random crops is read with centred ones: the same clips at every evaluation.
         The classifier trained here works at the reference's rate; a given one at another rate gets
-        both sets of clips resampled to its own."""
-        waves = waves if isinstance(waves, torch.Tensor) else torch.cat(list(waves))
+        both sets of clips resampled to its own. With `shards`, every process scores everyone's clips, which
+        it gathers (a few hundred MB at the default 5,000 1-s clips)."""
+        shards = shards or Shards()
+        waves = shards.gather(waves if isinstance(waves, torch.Tensor) else torch.cat(list(waves)))
         if getattr(reference, "crop", None) == "random" and hasattr(reference, "with_crop"):
             reference = reference.with_crop("center")
-        classifier = self._classifier(reference, classifier_path, cache_dir)
+        with shards.main_first():  # a classifier trained here is trained once and cached
+            classifier = self._classifier(reference, classifier_path, cache_dir)
         indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
         real = torch.stack([torch.as_tensor(reference[i][0]) for i in indices.tolist()])
         rate = classifier.spec.sample_rate

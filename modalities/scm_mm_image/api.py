@@ -21,6 +21,7 @@ from torchvision.utils import make_grid
 from scm_mm.metrics import subset_indices
 from scm_mm.metrics.classifier import cached_classifier, reference_features
 from scm_mm.pipeline import SCMPipeline
+from scm_mm.train.distributed import Shards
 
 from .codecs import PixelCodec, SDVAECodec, codec_from_state
 from .metrics import ClassifierFeatures, InceptionFeatures, evaluate_images, train_classifier
@@ -82,6 +83,7 @@ class ImageModality:
         reference_seed: int = 0,        # which subset; fixed, so scores are reproducible
         batch_size: int = 100,          # images per forward pass of the extractor
         device: str | torch.device = "cpu",  # where the extractor and the neighbour searches run
+        shards: Shards | None = None,   # a distributed evaluation: `images` are this process's share
     ) -> dict[str, float]:
         """FID, IS, precision and recall of `images` against min(max_reference, len) reference images drawn
         uniformly with `reference_seed` (`subset_indices`: not the first ones, which an ImageFolder sorts by
@@ -91,19 +93,22 @@ class ImageModality:
         SC09 recipe), loaded from `classifier_path` or trained once and cached by the data's
         fingerprint. "inception": the standard FID network, from a local weights file only. Batches of
         generated images are scored as they come, so only their features are kept; the reference's
-        features are computed once and kept in `cache_dir` (`reference_features`).
+        features are computed once and kept in `cache_dir` (`reference_features`). With `shards`, every
+        process extracts its own images' features and scores everyone's.
         """
-        extractor: torch.nn.Module
-        if features == "inception":
-            extractor = InceptionFeatures(inception_path)
-        elif features == "classifier":
-            extractor = self._classifier(reference, classifier_path, cache_dir)
-        else:
+        if features not in ("classifier", "inception"):
             raise ValueError(f"features must be 'classifier' or 'inception', got {features!r}")
-        extractor.to(device)
+        shards = shards or Shards()
         indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
-        real = reference_features(extractor, reference, indices, batch_size, cache_dir)  # (M, D), once per data
-        scores = evaluate_images(images, real, extractor, batch_size, device=device)
+        with shards.main_first():  # the classifier and the reference's features, computed once and cached
+            extractor: torch.nn.Module
+            if features == "inception":
+                extractor = InceptionFeatures(inception_path)
+            else:
+                extractor = self._classifier(reference, classifier_path, cache_dir)
+            extractor.to(device)
+            real = reference_features(extractor, reference, indices, batch_size, cache_dir)  # (M, D)
+        scores = evaluate_images(images, real, extractor, batch_size, device=device, gather=shards.gather)
         return {**scores, "reference_images": len(indices), "reference_seed": reference_seed}
 
     @staticmethod

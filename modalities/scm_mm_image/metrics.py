@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -243,10 +243,14 @@ def evaluate_images(
     k: int = 3,                                     # neighbour rank of precision / recall
     reference_radii: torch.Tensor | None = None,    # (M,) cached knn_radii of the reference features
     device: str | torch.device | None = None,       # where precision and recall's distances run; None: the CPU
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,  # this process's per-sample rows -> all
+                                                    # processes' (Shards.gather); None: one process
 ) -> dict[str, float]:
     """{"fid", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the reference
     gives features (images or features, not FeatureStats alone). The extractor runs where it lies."""
     features, logits = extract_features(extractor, images, batch_size)
+    if gather is not None:  # a distributed evaluation: score every process's images
+        features, logits = gather(features), gather(logits)
     if not isinstance(reference, FeatureStats) and not reference.dtype.is_floating_point:
         reference = extract_features(extractor, reference, batch_size)[0]
     scores = feature_scores(features, logits, reference, splits=splits, k=k, reference_radii=reference_radii,

@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 from scm_mm.pipeline import SCMPipeline
+from scm_mm.train.distributed import Shards
 
 from .codec import VideoLatentCodec, codec_from_state
 from .io import write_frame_strip, write_gif, write_mp4
-from .metrics import cached_video_classifiers, evaluate_video
+from .metrics import cached_video_classifiers, reference_features, video_scores
 
 FORMATS = ("mp4", "gif", "png")  # png: a strip of the frames side by side
 
@@ -104,15 +105,21 @@ class VideoModality:
         cache_dir: str | Path | None = None,
         max_reference: int = 2000,          # real clips scored against: a random subset of this size
         reference_seed: int = 0,            # which subset; fixed, so scores are reproducible
+        shards: Shards | None = None,       # a distributed evaluation: `media` are this process's share
         **_: Any,                           # options of other modalities (features, inception_path, fps)
     ) -> dict[str, float]:
         """Frechet video distance and per-frame Frechet distance in the features of small classifiers
         trained on the reference data, IS, precision and recall (scm_mm_video.metrics), with the size and
-        seed of the reference subset."""
+        seed of the reference subset. With `shards`, every process extracts its own clips' features and
+        scores everyone's."""
         media = media if isinstance(media, torch.Tensor) else torch.cat(list(media))
-        video_net, frame_net = cached_video_classifiers(reference, cache_dir, path=classifier_path)
-        return evaluate_video(media, reference, video_net, frame_net, max_reference=max_reference,
-                              seed=reference_seed, cache_dir=cache_dir)  # fmt: skip
+        shards = shards or Shards()
+        with shards.main_first():  # the classifiers and the reference's features, computed once and cached
+            video_net, frame_net = cached_video_classifiers(reference, cache_dir, path=classifier_path)
+            real = reference_features(reference, video_net, frame_net, max_reference, reference_seed,
+                                      cache_dir=cache_dir)  # fmt: skip
+        scores = video_scores(media, real, video_net, frame_net, gather=shards.gather)
+        return {**scores, "reference_clips": len(real["indices"]), "reference_seed": reference_seed}
 
 
 class VideoSCM(SCMPipeline):

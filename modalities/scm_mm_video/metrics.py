@@ -418,14 +418,18 @@ def video_scores(
     frame_net: FrameClassifier,
     splits: int = 10,                     # IS splits (at most N)
     k: int = 3,                           # neighbour rank of precision / recall
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,  # this process's per-clip rows -> all
+                                          # processes' (Shards.gather); None: one process
 ) -> dict[str, float]:
     """{"fvd", "frame_fd", "is_mean", "is_std", "precision", "recall"}; see the module docstring."""
     if "shape" in real and list(generated.shape[1:]) != real["shape"].tolist():
         raise ValueError(f"generated clips are (C, T, H, W) = {tuple(generated.shape[1:])} but the reference clips "
                          f"{tuple(real['shape'].tolist())}: score clips of the reference's size")
-    features, logits = extract_features(video_net, generated, 100)
+    gather = gather or (lambda rows: rows)
+    features, logits = (gather(f) for f in extract_features(video_net, generated, 100))
     scores = feature_scores(features, logits, real["video"], splits=min(splits, len(features)), k=k)
     frame_features = extract_features(frame_net, all_frames(generated), 500)[0]
+    frame_features = gather(frame_features.unflatten(0, generated.shape[:1] + generated.shape[2:3])).flatten(0, 1)
     frame_fd = FeatureStats().update(frame_features).frechet_distance(FeatureStats().update(real["frame"]))
     return {"fvd": scores["frechet"], "frame_fd": frame_fd, "is_mean": scores["is_mean"],
             "is_std": scores["is_std"], "precision": scores["precision"], "recall": scores["recall"]}

@@ -6,14 +6,21 @@
 The reference data is the dataset recorded in the checkpoint's config; the modality computes the
 metrics (for images: FID, IS, precision and recall in Inception or offline-classifier features). The
 samples reach it a batch at a time (`SCMPipeline.decoded_batches`) and on the model's device: images are
-scored as they come, so FID-50k at 512x512 keeps features, not 39 GB of pixels.
+scored as they come, so FID-50k at 512x512 keeps features, not 39 GB of pixels. Under torchrun each process
+samples and featurises a share of the batches (`Shards`) and the first prints the scores of them all, which
+equal a single process's for the same seed and batch size:
+
+    torchrun --nproc_per_node 8 -m scm_mm.app.evaluate checkpoint=runs/imagenet512_scd_xxl n=50000 \
+        features=inception inception_path=/data/pt_inception-2015-12-05-6726825d.pth
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +29,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from scm_mm.modality import sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.checkpoint import resolve_checkpoint
+from scm_mm.train.distributed import DistInfo, Shards, init_distributed, slowest
 
 from .sample import check_modality, codec_overrides, pick_device
 from .train import CONFIG_PATH
@@ -60,31 +69,48 @@ def check_features(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     check_features(cfg)
+    info = distributed_info(cfg)
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=pick_device(cfg.device), **codec_overrides(cfg))
+    pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=info.device, **codec_overrides(cfg))
     check_modality(cfg, pipe)
     solver, steps = pipe.sampler_for(cfg.solver, cfg.steps)  # a teacher's ODE solver unless told otherwise
     data_cfg = pipe.meta.get("config", {}).get("data", {}).get("dataset")
     if data_cfg is None:
         raise ValueError(f"{ckpt}: the checkpoint records no dataset to compare against")
     reference = instantiate(data_cfg)
+    shards = Shards(cfg.n, cfg.batch_size, info)
+    sharded = sharded_evaluation(pipe.modality, shards)
     labels = pipe.labels_for(cfg.n, None)  # a class-conditional model cycles through its classes
     media = Timed(pipe.decoded_batches(
         cfg.n, steps=steps, method=solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
-        guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size,
+        guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size, shard=shards.shard,
     ))  # fmt: skip
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else ckpt.parent.parent.parent / ".cache"
     metrics = pipe.modality.evaluate(  # type: ignore[attr-defined]
         media, reference, labels=labels, features=cfg.features, inception_path=cfg.inception_path,
         classifier_path=cfg.classifier_path, cache_dir=cache_dir, device=pipe.device, **pipe.media_options(),
+        **sharded,
     )  # fmt: skip
-    result = {"checkpoint": str(ckpt), "solver": solver, "steps": steps, "n": cfg.n,
-              "sampling_seconds": media.seconds, **metrics}  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(result, indent=2))
+    result = {"checkpoint": str(ckpt), "solver": solver, "steps": steps, "n": cfg.n, "processes": info.world_size,
+              "sampling_seconds": slowest(media.seconds, info), **metrics}  # fmt: skip
+    if info.is_main:
+        print(json.dumps(result, indent=2))
+        if cfg.out:
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def distributed_info(cfg: DictConfig) -> DistInfo:
+    """Under torchrun, the process group (each process samples and featurises its share of the n samples,
+    `Shards`); else one process on cfg.device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistInfo(device=torch.device(pick_device(cfg.device)))
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"under torchrun, device must be auto, cuda or cpu (each process takes its LOCAL_RANK's "
+                         f"GPU), got {cfg.device!r}")  # fmt: skip
+    hours = cfg.get("host_wait_hours")
+    return init_distributed(cfg.device, wait_timeout=timedelta(hours=hours) if hours else None)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")

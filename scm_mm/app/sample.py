@@ -23,10 +23,10 @@ from .train import CONFIG_PATH, plain
 
 
 def pick_device(name: str) -> str:
-    """The device to sample on, for scm-mm-sample and scm-mm-eval, which run on one process: under torchrun
-    every process would sample the same seed and write the same files, so that is refused."""
+    """The device of a single process: scm-mm-sample refuses torchrun, under which every process would sample
+    the same seed and write the same files (scm-mm-eval shares its samples between the processes)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("scm-mm-sample and scm-mm-eval run on one process; launch them without torchrun")
+        raise RuntimeError("scm-mm-sample runs on one process; launch it without torchrun")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 

@@ -22,11 +22,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from scm_mm.data import training_set
-from scm_mm.modality import codec_to, get_modality
+from scm_mm.modality import codec_to, get_modality, sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_teacher
 from scm_mm.train.checkpoint import canonical_spec, read_meta, resolve_checkpoint
-from scm_mm.train.distributed import init_distributed
+from scm_mm.train.distributed import Shards, init_distributed
 from scm_mm.train.loop import TrainOptions, train
 
 CONFIG_PATH = "pkg://scm_mm_configs"
@@ -125,31 +125,41 @@ def run(cfg: DictConfig) -> Any:
     pipeline = getattr(modality, "pipeline", SCMPipeline)  # the modality's API knows its media options
     guidance = 1.0 if cfg.method.guidance_input and cfg.data.num_classes else None
 
-    def generate(ema_model: torch.nn.Module, n: int, seed: int) -> tuple[SCMPipeline, Iterator[torch.Tensor], Any]:
-        """(pipeline, n decoded samples of the run's sampler in batches on the CPU, their labels)."""
+    def generate(
+        ema_model: torch.nn.Module, n: int, seed: int, shards: Shards | None = None
+    ) -> tuple[SCMPipeline, Iterator[torch.Tensor], Any]:
+        """(pipeline, n decoded samples of the run's sampler in batches on the CPU, or this rank's share of
+        them, their labels)."""
         pipe = pipeline(ema_model, codec, modality, sample_shape, int(cfg.data.num_classes), meta)  # type: ignore[arg-type]
         labels = pipe.labels_for(n, None)  # a class-conditional model cycles through its classes
+        share = {"batch_size": shards.batch_size, "shard": shards.shard} if shards is not None else {}
         batches = pipe.decoded_batches(
             n, steps=cfg.sampler.steps, method=cfg.sampler.method, t_mid=cfg.sampler.t_mid, seed=seed,
-            labels=labels, guidance=guidance,
+            labels=labels, guidance=guidance, **share,
         )  # fmt: skip
         return pipe, batches, labels
 
     def preview(ema_model: torch.nn.Module, it: int) -> torch.Tensor:
         return modality.preview(torch.cat(list(generate(ema_model, cfg.preview.n, cfg.preview.seed)[1])))
 
+    # scm-mm-eval's metrics against the run's data every train.eval_every iterations, with its samples for the
+    # same n, seed and batch_size; under torchrun every rank samples and scores a share (checked here, not
+    # at the first evaluation)
+    evaluation = cfg.evaluation
+    shards = Shards(evaluation.n, evaluation.batch_size, info) if cfg.train.eval_every else None
+    sharded = sharded_evaluation(modality, shards) if shards is not None else {}
+
     def evaluate(ema_model: torch.nn.Module, it: int) -> dict[str, float]:
-        """scm-mm-eval's metrics against the run's data, every train.eval_every iterations."""
-        options = cfg.evaluation
-        pipe, media, labels = generate(ema_model, options.n, options.seed)
+        pipe, media, labels = generate(ema_model, evaluation.n, evaluation.seed, shards)
         metrics = modality.evaluate(  # type: ignore[attr-defined]
-            media, raw, labels=labels, features=options.features, inception_path=options.inception_path,
-            classifier_path=options.classifier_path, cache_dir=cache_dir, device=info.device, **pipe.media_options(),
+            media, raw, labels=labels, features=evaluation.features, inception_path=evaluation.inception_path,
+            classifier_path=evaluation.classifier_path, cache_dir=cache_dir, device=info.device,
+            **pipe.media_options(), **sharded,
         )  # fmt: skip
         return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
 
     return train(model, objective, dataset, train_options(cfg), run_dir, teacher=teacher, meta=meta,
-                 preview=preview, evaluate=evaluate if cfg.train.eval_every else None, info=info)  # fmt: skip
+                 preview=preview, evaluate=evaluate if shards is not None else None, info=info)  # fmt: skip
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")

@@ -8,7 +8,8 @@ Hydra submitit launcher starts one task per GPU). A single process needs nothing
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, TypeVar, cast
@@ -80,6 +81,13 @@ def init_distributed(
     return DistInfo(rank, world_size, local_rank, dev, host_group)
 
 
+def _wait_device(info: DistInfo) -> torch.device:
+    """Where the tensors of a collective on the host group lie: the CPU (gloo), or the rank's device when
+    there is no host group and the default one is NCCL."""
+    gloo = info.host_group is not None or dist.get_backend() == "gloo"
+    return torch.device("cpu") if gloo else info.device
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank, on the host group (the default group for a DistInfo built without one)."""
     if info.enabled:
@@ -101,6 +109,75 @@ def from_main(compute: Callable[[], T], info: DistInfo) -> T:
     if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
+
+
+@dataclass(frozen=True)
+class Shards:
+    """n samples drawn `batch_size` at a time, split over the ranks for a distributed evaluation: rank r
+    draws batches r, r + world, r + 2 world, ... (`SCMPipeline.latent_batches(shard=...)`, where each batch
+    has a seed of its own, so the samples do not depend on the world size). A modality's `evaluate` scores
+    its own share, `gather`s per-sample rows (features, or the media themselves) into sample order on every
+    rank, and computes what it caches (a classifier, reference features) on the main rank first. The
+    default, one process, gathers nothing.
+    """
+
+    n: int = 0
+    batch_size: int = 1
+    info: DistInfo = field(default_factory=DistInfo)
+
+    def __post_init__(self) -> None:
+        if self.info.enabled and -(-self.n // self.batch_size) < self.info.world_size:
+            raise ValueError(f"{self.n} samples in batches of {self.batch_size} leave some of the "
+                             f"{self.info.world_size} ranks without a batch; lower the batch size")  # fmt: skip
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, world size): which batches this rank draws, as `latent_batches` takes it."""
+        return self.info.rank, self.info.world_size
+
+    def batch_sizes(self, rank: int) -> list[int]:
+        """The sizes of the batches `rank` draws, in its order."""
+        starts = range(rank * self.batch_size, self.n, self.info.world_size * self.batch_size)
+        return [min(self.batch_size, self.n - start) for start in starts]
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's per-sample rows (its samples, in its order) -> every rank's, in sample order, on every
+        rank. The rows travel on the host group (gloo, CPU) when there is one."""
+        if not self.info.enabled:
+            return rows
+        rank, world = self.shard
+        sizes = [self.batch_sizes(r) for r in range(world)]
+        if rows.shape[0] != sum(sizes[rank]):
+            raise ValueError(f"rank {rank} holds {sum(sizes[rank])} samples of {self.n}, got {rows.shape[0]} rows")
+        padded = rows.new_zeros((max(map(sum, sizes)), *rows.shape[1:]), device=_wait_device(self.info))
+        padded[: rows.shape[0]] = rows  # all_gather takes equal shapes
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=self.info.host_group)
+        batches = [list(part[: sum(size)].split(size)) for part, size in zip(parts, sizes, strict=True)]
+        in_order = [batches[k % world][k // world] for k in range(sum(map(len, sizes)))]
+        return torch.cat(in_order).to(rows.device)
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The block on the main rank, then on the others: what the main rank computes and caches there (a
+        classifier trained on the data, the reference's features) the others read from the cache. A failure
+        on the main rank still lets the others go on (they meet it themselves, or do the work)."""
+        if not self.info.is_main:
+            barrier(self.info)
+        try:
+            yield
+        finally:
+            if self.info.is_main:
+                barrier(self.info)
+
+
+def slowest(seconds: float, info: DistInfo) -> float:
+    """The largest of the ranks' `seconds` (the wall-clock time of work they did side by side)."""
+    if not info.enabled:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=_wait_device(info))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=info.host_group)
+    return float(value.item())
 
 
 def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:

@@ -345,7 +345,7 @@ def train(
     teacher: TrigFlowModel | None = None,  # sCD: the frozen teacher
     meta: dict[str, Any] | None = None,  # stored in every checkpoint (model spec, codec, config)
     preview: Hook | None = None,         # (model, it) -> uint8 image (3, H, W) for TensorBoard
-    evaluate: Hook | None = None,        # (model, it) -> {metric: value}
+    evaluate: Hook | None = None,        # (model, it) -> {metric: value}, on every rank; the main rank's logged
     info: DistInfo | None = None,
     stop_at: int | None = None,          # end this call after that iteration (tests, time limits)
 ) -> TrainResult:
@@ -526,9 +526,9 @@ def train(
                 with _sampling(wrapped, ema, device) as sampler:
                     writer.add_image("samples", preview(sampler, it), it)
         if evaluate is not None and (_due(it, options.eval_every) or done):
+            with _sampling(wrapped, ema, device) as sampler:  # on every rank: each may score a share (Shards)
+                metrics = evaluate(sampler, it)
             if info.is_main:
-                with _sampling(wrapped, ema, device) as sampler:
-                    metrics = evaluate(sampler, it)
                 result.evaluations[it] = metrics
                 for key, value in metrics.items():
                     if writer is not None:

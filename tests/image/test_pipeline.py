@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import check_example_samplers, config
+from helpers import check_example_samplers, config, free_port
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from PIL import Image
@@ -63,14 +63,29 @@ def test_sample_app_writes_a_png_grid(runs, tmp_path):
         assert image.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16x16 with 2-pixel padding
 
 
-def test_sample_and_eval_refuse_to_run_under_torchrun(runs, tmp_path, monkeypatch):
+def test_sample_refuses_to_run_under_torchrun(runs, tmp_path, monkeypatch):
     """Each process would sample the same seed and write the same files."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="without torchrun"):
         sample.run(config("sample", [f"checkpoint={runs / 'scd'}", f"out={tmp_path / 'g.png'}", "device=cpu"]))
-    with pytest.raises(RuntimeError, match="without torchrun"):
-        evaluate.run(config("eval", [f"checkpoint={runs / 'scd'}", "device=cpu"]))
     assert not (tmp_path / "g.png").exists()
+
+
+def test_eval_under_torchrun_scores_the_samples_of_one_process(runs, tmp_path):
+    """scm-mm-eval on 2 gloo processes through torchrun: each samples and featurises its share of the batches
+    (of 4, 4 and 2 images: 6 on rank 0, 4 on rank 1) and the first prints the scores of all 10, which are one
+    process's with the same seed and batch size. The classifier is trained once, on rank 0, and cached."""
+    overrides = [f"checkpoint={runs / 'scd'}", "n=10", "batch_size=4", f"cache_dir={tmp_path / 'cache'}", "device=cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    out = tmp_path / "two.json"
+    done = subprocess.run([*launch, "-m", "scm_mm.app.evaluate", *overrides, f"out={out}"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"fid"') == 1  # printed by the first process only
+    two, one = json.loads(out.read_text()), evaluate.run(config("eval", overrides))
+    assert (two["processes"], one["processes"]) == (2, 1)
+    for key in ("fid", "precision", "recall", "is_mean", "is_std"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
 
 
 def test_the_apps_sample_a_teacher_with_its_solver_unless_told(runs, tmp_path, capsys):
@@ -103,7 +118,7 @@ def test_eval_app_scores_the_samples_a_batch_at_a_time(runs, tmp_path, monkeypat
             for batch in images:
                 seen.append(batch.shape[0])
                 yield batch
-                time.sleep(0.5)  # scoring that takes a while: not sampling time
+                time.sleep(1.0)  # scoring that takes a while: not sampling time
 
         assert not isinstance(images, torch.Tensor)
         return score(self, batches(), *args, **kwargs)
@@ -111,7 +126,7 @@ def test_eval_app_scores_the_samples_a_batch_at_a_time(runs, tmp_path, monkeypat
     monkeypatch.setattr(ImageModality, "evaluate", recording)
     overrides = [f"checkpoint={runs / 'scd'}", "n=20", "batch_size=8", f"classifier_path={tmp_path / 'clf'}"]
     result = evaluate.run(config("eval", [*overrides, "device=cpu"]))
-    assert seen == [8, 8, 4] and 0 < result["sampling_seconds"] < 1
+    assert seen == [8, 8, 4] and 0 < result["sampling_seconds"] < 3  # the scoring took 3 s
     model = ImageSCM.load(runs / "scd")
     images = model.generate(20, labels=model.labels_for(20, None), seed=1, batch_size=8)
     whole = score(ImageModality(), images, MNIST(resolution=16), classifier_path=str(tmp_path / "clf"))
@@ -128,6 +143,21 @@ def test_decoded_batches_are_the_samples_of_sample_latents_decoded_batch_by_batc
         model.latent_batches(2, labels=[10, 1])
     batches = list(model.latent_batches(10, seed=3, batch_size=4))
     torch.testing.assert_close(torch.cat(batches), model.sample_latents(10, seed=3, batch_size=4), rtol=0, atol=0)
+
+
+def test_each_batch_has_a_seed_of_its_own_so_shards_draw_the_samples_of_one_process(runs):
+    model = ImageSCM.load(runs / "scd")
+    whole = list(model.latent_batches(10, seed=3, batch_size=4))
+    first, second = (list(model.latent_batches(10, seed=3, batch_size=4, shard=(r, 2))) for r in (0, 1))
+    assert [len(b) for b in first] == [4, 2] and [len(b) for b in second] == [4]
+    torch.testing.assert_close(torch.cat([first[0], second[0], first[1]]), torch.cat(whole), rtol=0, atol=0)
+    torch.testing.assert_close(model.sample_latents(4, seed=3, batch_size=4), whole[0], rtol=0, atol=0)  # any n
+    assert not torch.equal(whole[0], whole[1][:4])  # the batches' seeds differ
+    state = torch.random.get_rng_state()
+    fresh = [model.sample_latents(2, batch_size=2) for _ in range(2)]
+    assert not torch.equal(*fresh) and torch.equal(state, torch.random.get_rng_state())  # seed=None: new, untouched
+    with pytest.raises(ValueError, match="0 <= rank < world size"):
+        model.latent_batches(10, shard=(2, 2))
 
 
 def _fake_cifar10(root: Path) -> Path:

@@ -94,6 +94,23 @@ def test_a_set_against_itself_scores_zero_and_noise_raises_both_distances(nets):
     assert 0 < scores[0]["frame_fd"] < scores[1]["frame_fd"] < scores[2]["frame_fd"]
 
 
+def test_scores_gathered_from_two_shares_are_the_scores_of_the_whole_set(nets):
+    """video_scores on one share with a `gather` that adds the other share's rows (as Shards.gather does
+    across processes) scores the whole set: clip features, logits and per-frame features in clip order."""
+    reference = MovingSquares(size=30, seed=1)
+    real = reference_features(reference, *nets)
+    clips = stack(MovingSquares(size=12, seed=2))
+    first, second = clips[:7], clips[7:]
+    rows_of_second: list[torch.Tensor] = []
+    video_scores(second, real, *nets, gather=lambda rows: rows_of_second.append(rows) or rows)
+    others = iter(rows_of_second)
+    gathered = video_scores(first, real, *nets, gather=lambda rows: torch.cat([rows, next(others)]))
+    whole = video_scores(clips, real, *nets)
+    assert len(rows_of_second) == 3 and rows_of_second[2].shape[:2] == second.shape[:1] + second.shape[2:3]
+    for key, value in whole.items():
+        assert gathered[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 def test_the_frechet_distance_of_shifted_features_is_the_squared_shift():
     # The formula the metrics call (FeatureStats.frechet_distance), against the analytic value.
     x = torch.randn(500, 16, dtype=torch.float64)
