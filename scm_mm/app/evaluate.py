@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from scm_mm.modality import sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.checkpoint import resolve_checkpoint
-from scm_mm.train.distributed import DistInfo, Shards, init_distributed, slowest
+from scm_mm.train.distributed import DistInfo, Shards, init_distributed, leave_distributed, slowest
 
 from .sample import check_modality, codec_overrides, pick_device
 from .train import CONFIG_PATH
@@ -116,6 +116,7 @@ def distributed_info(cfg: DictConfig) -> DistInfo:
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from scm_mm.modality import codec_to, get_modality, sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_teacher
 from scm_mm.train.checkpoint import canonical_spec, read_meta, resolve_checkpoint
-from scm_mm.train.distributed import Shards, init_distributed
+from scm_mm.train.distributed import Shards, init_distributed, leave_distributed
 from scm_mm.train.loop import TrainOptions, train
 
 CONFIG_PATH = "pkg://scm_mm_configs"
@@ -165,6 +165,7 @@ def run(cfg: DictConfig) -> Any:
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
+    leave_distributed()
 
 
 if __name__ == "__main__":

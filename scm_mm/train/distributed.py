@@ -81,6 +81,13 @@ def init_distributed(
     return DistInfo(rank, world_size, local_rank, dev, host_group)
 
 
+def leave_distributed() -> None:
+    """Destroy the process groups at the end of a torchrun job: a gloo group left to the interpreter's exit
+    can abort the process ("terminate called without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _wait_device(info: DistInfo) -> torch.device:
     """Where the tensors of a collective on the host group lie: the CPU (gloo), or the rank's device when
     there is no host group and the default one is NCCL."""
