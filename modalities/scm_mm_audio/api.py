@@ -21,14 +21,14 @@ import torch
 import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
-from scm_mm.metrics.classifier import cached_classifier
+from scm_mm.metrics.classifier import cached_classifier, cached_features
 from scm_mm.metrics.reference import subset_indices
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.distributed import Shards
 
 from .codec import MelCodec, codec_from_state
 from .io import save_wav
-from .metrics import AudioClassifier, evaluate_audio, pitch_accuracy, train_audio_classifier
+from .metrics import AudioClassifier, classifier_features, evaluate_audio, pitch_accuracy, train_audio_classifier
 from .presets import frame_multiple
 from .vocoders import load_vocoder
 
@@ -106,21 +106,27 @@ class AudioModality:
         ones, which a folder sorts by speaker or class), reported as "reference_clips" and "reference_seed".
         A reference of random crops is read with centred ones: the same clips at every evaluation.
         The classifier trained here works at the reference's rate; a given one at another rate gets
-        both sets of clips resampled to its own. With `shards`, every process scores everyone's clips, which
-        it gathers (a few hundred MB at the default 5,000 1-s clips)."""
+        both sets of clips resampled to its own. The reference's features are computed once per data, clips
+        and classifier weights and kept in `cache_dir` (`cached_features`). With `shards`, every process
+        scores everyone's clips, which it gathers (a few hundred MB at the default 5,000 1-s clips)."""
         shards = shards or Shards()
         waves = shards.gather(waves if isinstance(waves, torch.Tensor) else torch.cat(list(waves)))
         if getattr(reference, "crop", None) == "random" and hasattr(reference, "with_crop"):
             reference = reference.with_crop("center")
-        with shards.main_first():  # a classifier trained here is trained once and cached
-            classifier = self._classifier(reference, classifier_path, cache_dir)
         indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
-        real = torch.stack([torch.as_tensor(reference[i][0]) for i in indices.tolist()])
-        rate = classifier.spec.sample_rate
+        with shards.main_first():  # the classifier and the reference's features, computed once and cached
+            classifier = self._classifier(reference, classifier_path, cache_dir)
+            rate = classifier.spec.sample_rate
+            real_rate = int(getattr(reference, "sample_rate", sample_rate))
+
+            def compute() -> dict[str, torch.Tensor]:
+                real = torch.stack([torch.as_tensor(reference[i][0]) for i in indices.tolist()]).mean(1)
+                real = AF.resample(real.float(), real_rate, rate) if real_rate != rate else real
+                return {"features": classifier_features(classifier, real)[0]}
+
+            real_features = cached_features(cache_dir, reference, indices, [classifier], compute)["features"]
         generated = AF.resample(waves.mean(1).float(), sample_rate, rate) if sample_rate != rate else waves.mean(1)
-        real_rate = int(getattr(reference, "sample_rate", sample_rate))
-        real = AF.resample(real.mean(1).float(), real_rate, rate) if real_rate != rate else real.mean(1)
-        out = evaluate_audio(generated, real, classifier)
+        out = evaluate_audio(generated, real_features, classifier)
         midi_of_label = getattr(reference, "midi_of_label", None)
         midi = [midi_of_label(int(y)) for y in labels] if labels is not None and midi_of_label else [None]
         if None not in midi:  # the classes are pitches (not instruments or speakers)

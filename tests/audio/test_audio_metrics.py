@@ -311,3 +311,24 @@ def test_the_reference_is_a_seeded_subset_across_classes(tmp_path):
     assert read == subset_indices(40, 12, 0).tolist()
     assert {int(labels[i]) for i in read} == {0, 1, 2, 3}  # the first 12 would hold classes 0 and 1 only
     assert scored(0) == read and scored(1) != read
+
+
+def test_the_references_features_are_computed_once_and_kept_in_cache_dir(tmp_path):
+    from scm_mm_audio import AudioModality
+
+    waves, _ = tones([60] * 20, seconds=0.1)
+    torch.manual_seed(0)
+    AudioClassifier(num_classes=2).save(tmp_path / "clf")
+    labels = torch.arange(2).repeat(10)
+    scores, reads = [], []
+    for cache in ("cache", "cache", None):
+        reference = Recording(waves, labels)
+        reference.fingerprint = "twenty-tones"  # what names cached features (a dataset's own fingerprint)
+        cache_dir = None if cache is None else tmp_path / cache
+        scores.append(AudioModality().evaluate(waves[::2], reference, classifier_path=str(tmp_path / "clf"),
+                                               cache_dir=cache_dir, max_reference=8))  # fmt: skip
+        reads.append(len(reference.read))
+    assert reads == [8, 0, 8]  # the second evaluation read its reference features from the cache
+    assert len(list((tmp_path / "cache").glob("reference-features-*.pt"))) == 1
+    for key in ("fad", "precision", "recall", "is_mean"):
+        assert scores[1][key] == pytest.approx(scores[0][key], rel=1e-6) == scores[2][key], key
