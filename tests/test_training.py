@@ -145,6 +145,17 @@ def test_periodic_counts_of_zero_mean_at_the_end_and_negative_ones_are_refused(t
         options(ckpt_every=-1, accum_steps=0)
 
 
+def test_fsdp_without_an_ema_refuses_hooks_that_would_sample_with_the_sharded_model(tmp_path):
+    """Its every forward needs all ranks: a preview on rank 0 alone, or evaluation shares of unequal batch
+    counts, would hang. Refused before any collective (the DistInfo here has no process group)."""
+    two = DistInfo(rank=0, world_size=2)
+    for hook in ({"preview": lambda model, it: None}, {"evaluate": lambda model, it: {}}):
+        with pytest.raises(ValueError, match="strategy=fsdp with ema=none"):
+            train(make_model(), DiffusionLoss(), dataset(), options(strategy="fsdp", ema="none"), tmp_path, info=two,
+                  **hook)  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
 def test_hooks_sample_in_eval_mode_and_leave_the_training_alone(tmp_path):
     """Without an EMA the hooks get the trained model itself: in eval mode (no dropout), then back in train
     mode, with the random state they used restored, so the losses equal those of a run without hooks."""

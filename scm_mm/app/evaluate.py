@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from scm_mm.modality import sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.checkpoint import resolve_checkpoint
-from scm_mm.train.distributed import DistInfo, Shards, init_distributed, leave_distributed, slowest
+from scm_mm.train.distributed import DistInfo, Shards, from_main, init_distributed, leave_distributed, slowest
 
 from .sample import check_modality, codec_overrides, pick_device
 from .train import CONFIG_PATH
@@ -70,7 +70,7 @@ def check_features(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     check_features(cfg)
     info = distributed_info(cfg)
-    ckpt = resolve_checkpoint(cfg.checkpoint)
+    ckpt = from_main(lambda: resolve_checkpoint(cfg.checkpoint), info)  # one checkpoint, if a run writes another
     pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=info.device, **codec_overrides(cfg))
     check_modality(cfg, pipe)
     solver, steps = pipe.sampler_for(cfg.solver, cfg.steps)  # a teacher's ODE solver unless told otherwise
@@ -115,8 +115,10 @@ def distributed_info(cfg: DictConfig) -> DistInfo:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
-    leave_distributed()
+    try:
+        run(cfg)
+    finally:
+        leave_distributed()
 
 
 if __name__ == "__main__":

@@ -164,8 +164,10 @@ def run(cfg: DictConfig) -> Any:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
-    leave_distributed()
+    try:
+        run(cfg)
+    finally:
+        leave_distributed()
 
 
 if __name__ == "__main__":

@@ -57,10 +57,10 @@ def init_distributed(
 
     Beside the default group, a gloo group with a long timeout (`DistInfo.host_group`) carries `barrier`
     and `from_main`: the ranks wait there while some do work of their own (encoding their share of a
-    dataset, rank 0 writing a checkpoint or evaluating), which can outlast NCCL's 10-minute collective
-    timeout. A rank that dies closes its connections, so the others fail at once (1.6-2 s in two
-    checks, on one machine), not at the timeout; a rank that hangs holds the others for up to
-    `wait_timeout`. Across nodes gloo needs a network interface the nodes reach each other on
+    dataset, rank 0 writing a checkpoint or computing what an evaluation caches), which can outlast
+    NCCL's 10-minute collective timeout. A rank that dies closes its connections, so the others fail at
+    once (1.6-2 s in two checks, on one machine), not at the timeout; a rank that hangs holds the others
+    for up to `wait_timeout`. Across nodes gloo needs a network interface the nodes reach each other on
     (GLOO_SOCKET_IFNAME where the default one does not); wait_timeout=None waits on the default group.
     """
     _export_slurm_environment()

@@ -363,6 +363,12 @@ def train(
 
     model.to(device).train()
     ema = make_ema(model, options)  # full-weight averages on every rank (see ema._full)
+    if info.enabled and options.strategy == "fsdp" and ema is None and (preview or evaluate):
+        raise ValueError(
+            "strategy=fsdp with ema=none samples with the sharded model, whose every forward needs all ranks: "
+            "a preview (rank 0 alone) or an evaluation (shares of unequal batch counts) would hang. Keep an EMA "
+            "(full weights on every rank), or set train.sample_every=0 and train.eval_every=0"
+        )
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     wrapped = wrap_model(model, info, options.strategy)
