@@ -26,7 +26,7 @@ from scm_mm.train.distributed import Shards
 
 from .codec import VideoLatentCodec, codec_from_state
 from .io import write_frame_strip, write_gif, write_mp4
-from .metrics import cached_video_classifiers, reference_features, video_scores
+from .metrics import cached_video_classifiers, evaluate_video
 
 FORMATS = ("mp4", "gif", "png")  # png: a strip of the frames side by side
 
@@ -114,12 +114,10 @@ class VideoModality:
         scores everyone's."""
         media = media if isinstance(media, torch.Tensor) else torch.cat(list(media))
         shards = shards or Shards()
-        with shards.main_first():  # the classifiers and the reference's features, computed once and cached
+        with shards.main_first():  # classifiers trained here are trained once and cached
             video_net, frame_net = cached_video_classifiers(reference, cache_dir, path=classifier_path)
-            real = reference_features(reference, video_net, frame_net, max_reference, reference_seed,
-                                      cache_dir=cache_dir)  # fmt: skip
-        scores = video_scores(media, real, video_net, frame_net, gather=shards.gather)
-        return {**scores, "reference_clips": len(real["indices"]), "reference_seed": reference_seed}
+        return evaluate_video(media, reference, video_net, frame_net, max_reference=max_reference,
+                              seed=reference_seed, cache_dir=cache_dir, shards=shards)  # fmt: skip
 
 
 class VideoSCM(SCMPipeline):

@@ -36,6 +36,7 @@ from scm_mm.metrics.frechet import FeatureStats
 from scm_mm.metrics.reference import media_batches, subset_indices
 from scm_mm.metrics.timing import median_seconds
 from scm_mm.train.checkpoint import load_into, load_module_folder, save_module_folder
+from scm_mm.train.distributed import Shards
 
 # Cache folder names carry the recipe: bump it when an architecture or a training default changes, so a
 # classifier cached by an older recipe is retrained rather than loaded into the new layout.
@@ -443,12 +444,17 @@ def evaluate_video(
     max_reference: int = 2000,            # real clips scored against (a seeded random subset)
     seed: int = 0,                        # which subset (subset_indices)
     cache_dir: str | Path | None = None,  # where the reference's features are kept (reference_features)
+    shards: Shards | None = None,         # a distributed evaluation: `generated` is this process's share
 ) -> dict[str, float]:
     """{"fvd", "frame_fd", "is_mean", "is_std", "precision", "recall"} of generated clips against
     min(max_reference, len) reference clips drawn with `seed` (see the module docstring), and
-    "reference_clips", "reference_seed": the subset's size and seed, which with the dataset name its clips."""
-    real = reference_features(reference, video_net, frame_net, max_reference, seed, cache_dir=cache_dir)
-    scores = video_scores(generated, real, video_net, frame_net)
+    "reference_clips", "reference_seed": the subset's size and seed, which with the dataset name its clips.
+    With `shards`, the main process computes and caches the reference's features first, and every process
+    scores every process's clips."""
+    shards = shards or Shards()
+    with shards.main_first():
+        real = reference_features(reference, video_net, frame_net, max_reference, seed, cache_dir=cache_dir)
+    scores = video_scores(generated, real, video_net, frame_net, gather=shards.gather)
     return {**scores, "reference_clips": len(real["indices"]), "reference_seed": seed}
 
 
