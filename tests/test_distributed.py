@@ -109,6 +109,7 @@ def _sharding_worker(rank: int, port: int, folder: str, out: dict) -> None:
     mine = torch.tensor([[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10]][rank])
     out["sizes", rank] = shards.batch_sizes(rank)
     out["rows", rank] = shards.gather(mine).tolist()
+    out["share", rank] = shards.share(torch.arange(11)).tolist()
     out["features", rank] = shards.gather(mine[:, None] * torch.ones(1, 3, dtype=torch.float64)).shape
     without = Shards(11, 3, init_distributed("cpu", wait_timeout=None))  # on the default group
     out["default group", rank] = without.gather(mine).tolist()
@@ -134,6 +135,7 @@ def test_shards_gather_every_ranks_rows_in_sample_order(tmp_path):
     assert out["sizes", 0] == [3, 3] and out["sizes", 1] == [3, 2]
     for rank in (0, 1):
         assert out["rows", rank] == out["default group", rank] == list(range(11))
+        assert out["share", rank] == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10]][rank]  # what gather undoes
         assert out["features", rank] == (11, 3)
     assert (out["found", 0], out["found", 1]) == (False, True)
     assert (out["after a failure", 0], out["after a failure", 1]) == ("raised", "ran")

@@ -107,10 +107,11 @@ class AudioModality:
         A reference of random crops is read with centred ones: the same clips at every evaluation.
         The classifier trained here works at the reference's rate; a given one at another rate gets
         both sets of clips resampled to its own. The reference's features are computed once per data, clips
-        and classifier weights and kept in `cache_dir` (`cached_features`). With `shards`, every process
-        scores everyone's clips, which it gathers (a few hundred MB at the default 5,000 1-s clips)."""
+        and classifier weights and kept in `cache_dir` (`cached_features`). With `shards`, each process
+        featurises and pitch-analyses its own share and gathers the per-clip rows; `labels` are every
+        process's."""
         shards = shards or Shards()
-        waves = shards.gather(waves if isinstance(waves, torch.Tensor) else torch.cat(list(waves)))
+        waves = waves if isinstance(waves, torch.Tensor) else torch.cat(list(waves))
         if getattr(reference, "crop", None) == "random" and hasattr(reference, "with_crop"):
             reference = reference.with_crop("center")
         indices = subset_indices(len(reference), max_reference, reference_seed)  # type: ignore[arg-type]
@@ -126,11 +127,12 @@ class AudioModality:
 
             real_features = cached_features(cache_dir, reference, indices, [classifier], compute)["features"]
         generated = AF.resample(waves.mean(1).float(), sample_rate, rate) if sample_rate != rate else waves.mean(1)
-        out = evaluate_audio(generated, real_features, classifier)
+        out = evaluate_audio(generated, real_features, classifier, gather=shards.gather)
         midi_of_label = getattr(reference, "midi_of_label", None)
         midi = [midi_of_label(int(y)) for y in labels] if labels is not None and midi_of_label else [None]
         if None not in midi:  # the classes are pitches (not instruments or speakers)
-            pitch = pitch_accuracy(waves.mean(1), sample_rate, torch.tensor(midi, dtype=torch.float64))
+            target = shards.share(torch.tensor(midi, dtype=torch.float64))
+            pitch = pitch_accuracy(waves.mean(1), sample_rate, target, gather=shards.gather)
             out.update({f"pitch_{k}": v for k, v in pitch.items()})
         return {**out, "reference_clips": len(indices), "reference_seed": reference_seed}
 

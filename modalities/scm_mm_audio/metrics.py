@@ -184,11 +184,16 @@ def evaluate_audio(
     splits: int = 10,                              # IS splits
     k: int = 3,                                    # neighbour rank of precision / recall
     reference_radii: torch.Tensor | None = None,   # (M,) cached knn_radii of the reference features
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,  # this process's per-clip rows -> all
+                                                   # processes' (Shards.gather); None: one process
 ) -> dict[str, float]:
     """{"fad", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the reference
     gives features (waves or features, not FeatureStats alone). A 2-D reference of width
-    classifier.feature_dim is read as features; waves that short (8 ms) are not audio worth scoring."""
+    classifier.feature_dim is read as features; waves that short (8 ms) are not audio worth scoring.
+    With `gather`, `waves` are this process's share and the scores are every process's clips'."""
     features, logits = classifier_features(classifier, waves, batch_size)
+    if gather is not None:  # a distributed evaluation: score every process's clips
+        features, logits = gather(features), gather(logits)
     if not isinstance(reference, FeatureStats):
         is_features = reference.ndim == 2 and reference.shape[1] == classifier.feature_dim
         reference = reference.float() if is_features else classifier_features(classifier, reference, batch_size)[0]
@@ -282,6 +287,8 @@ def pitch_accuracy(
     target_midi: Sequence[float] | np.ndarray | torch.Tensor,  # (N,) the pitch each clip should have
     tolerance_semitones: float = 0.5,                      # correct when |estimate - target| < tolerance
     search_semitones: float = 12.0,                        # pYIN searches target +- this
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,  # this process's per-clip rows -> all
+                                                           # processes' (Shards.gather); None: one process
 ) -> dict[str, float]:
     """{"accuracy", "voiced_fraction", "mean_abs_cents_error"} of `estimate_pitch` against the targets.
 
@@ -293,6 +300,8 @@ def pitch_accuracy(
 
     On 240 SynthNotes "test" notes (5 timbres, detuned up to +-8 cents): accuracy 1.0, voiced fraction
     1.0, mean error 3.4 cents, 20 ms per clip (tests/audio/test_audio_metrics.py, slow tests).
+
+    With `gather`, `waves` and `target_midi` are this process's share and the scores are every process's clips'.
     """
     target = np.asarray(torch.as_tensor(target_midi, dtype=torch.float64).cpu(), np.float64).reshape(-1)
     x = _waves_numpy(waves)
@@ -300,12 +309,15 @@ def pitch_accuracy(
         raise ValueError(f"target_midi has {target.shape[0]} entries for {x.shape[0]} clips")
     top = librosa.hz_to_midi(sample_rate / 2) - 0.01  # pYIN's fmax must stay below Nyquist
     midi = estimate_pitch(x, sample_rate, fmin=target - search_semitones,
-                          fmax=np.minimum(target + search_semitones, top)).numpy()
-    error = np.abs(midi - target)
-    voiced = np.isfinite(midi)
+                          fmax=np.minimum(target + search_semitones, top))
+    if gather is not None:  # (estimate, target) of every process's clips
+        midi, target_rows = gather(torch.stack([midi, torch.from_numpy(target)], 1)).unbind(1)
+        target = target_rows.numpy()
+    error = np.abs(midi.numpy() - target)
+    voiced = np.isfinite(midi.numpy())
     return {
-        "accuracy": float(np.mean(voiced & (error < tolerance_semitones))) if len(x) else math.nan,
-        "voiced_fraction": float(voiced.mean()) if len(x) else math.nan,
+        "accuracy": float(np.mean(voiced & (error < tolerance_semitones))) if len(voiced) else math.nan,
+        "voiced_fraction": float(voiced.mean()) if len(voiced) else math.nan,
         "mean_abs_cents_error": float(100 * error[voiced].mean()) if voiced.any() else math.nan,
     }
 

@@ -428,7 +428,7 @@ def video_scores(
                          f"{tuple(real['shape'].tolist())}: score clips of the reference's size")
     gather = gather or (lambda rows: rows)
     features, logits = (gather(f) for f in extract_features(video_net, generated, 100))
-    scores = feature_scores(features, logits, real["video"], splits=min(splits, len(features)), k=k)
+    scores = feature_scores(features, logits, real["video"], splits=splits, k=k)
     frame_features = extract_features(frame_net, all_frames(generated), 500)[0]
     frame_features = gather(frame_features.unflatten(0, generated.shape[:1] + generated.shape[2:3])).flatten(0, 1)
     frame_fd = FeatureStats().update(frame_features).frechet_distance(FeatureStats().update(real["frame"]))

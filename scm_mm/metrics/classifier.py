@@ -177,7 +177,7 @@ def feature_scores(
     features: torch.Tensor,                      # (N, D) of the generated samples
     logits: torch.Tensor,                        # (N, K) of the generated samples
     reference: torch.Tensor | FeatureStats,      # (M, D) reference features, or their FeatureStats
-    splits: int = 10,                            # IS splits
+    splits: int = 10,                            # IS splits (at most N: fewer samples, one split each)
     k: int = 3,                                  # neighbour rank of precision / recall
     reference_radii: torch.Tensor | None = None,  # (M,) cached knn_radii of the reference features
     device: str | torch.device | None = None,    # where precision and recall's distances run; None: the reference's
@@ -187,7 +187,7 @@ def feature_scores(
     of them (2.5e9 for FID-50k), are what takes long: on a GPU with `device`."""
     ref_stats = reference if isinstance(reference, FeatureStats) else FeatureStats().update(reference)
     stats = FeatureStats().update(features)
-    is_mean, is_std = inception_score(logits, splits=splits)
+    is_mean, is_std = inception_score(logits, splits=min(splits, len(logits)))
     out = {"frechet": frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
            "is_mean": is_mean, "is_std": is_std}  # fmt: skip
     if not isinstance(reference, FeatureStats):

@@ -144,8 +144,20 @@ class Shards:
 
     def batch_sizes(self, rank: int) -> list[int]:
         """The sizes of the batches `rank` draws, in its order."""
-        starts = range(rank * self.batch_size, self.n, self.info.world_size * self.batch_size)
-        return [min(self.batch_size, self.n - start) for start in starts]
+        return [min(self.batch_size, self.n - start) for start in self._starts(rank)]
+
+    def _starts(self, rank: int) -> range:
+        """Where the batches `rank` draws begin, in sample order."""
+        return range(rank * self.batch_size, self.n, self.info.world_size * self.batch_size)
+
+    def share(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows of all n samples, in sample order (their labels, say) -> this rank's, in its order:
+        what `gather` undoes."""
+        if not self.info.enabled:
+            return rows
+        if rows.shape[0] != self.n:
+            raise ValueError(f"expected rows for all {self.n} samples, got {rows.shape[0]}")
+        return torch.cat([rows[start : start + self.batch_size] for start in self._starts(self.info.rank)])
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's per-sample rows (its samples, in its order) -> every rank's, in sample order, on every

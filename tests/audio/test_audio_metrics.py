@@ -2,13 +2,19 @@
 loads exactly; the FAD separates pitch-shifted sets and agrees with the core; the RTF of a known delay."""
 
 import math
+import os
 import time
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+from helpers import free_port
 
 from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from scm_mm.train.distributed import Shards, init_distributed
+from scm_mm_audio import metrics
+from scm_mm_audio.api import AudioModality
 from scm_mm_audio.mel import mel_spec
 from scm_mm_audio.metrics import (
     AudioClassifier,
@@ -110,6 +116,26 @@ def test_pitch_accuracy_counts_detuned_and_noise_as_wrong():
     assert mixed["accuracy"] == pytest.approx(1 / 3) and mixed["voiced_fraction"] == pytest.approx(2 / 3)
     # a 30-cent tolerance: a 20-cent detune still passes
     assert pitch_accuracy(good, SR, target, tolerance_semitones=0.3)["accuracy"] == 1.0
+
+
+def two_shares(first_rows: list[torch.Tensor]):
+    """A `gather` for the first of two shares, as Shards.gather with batches the size of a share: it appends
+    the rows the second share gave (recorded by its own `gather`, in the same order) to this share's."""
+    others = iter(first_rows)
+    return lambda rows: torch.cat([rows, next(others)])
+
+
+def test_pitch_accuracy_of_two_shares_gathered_is_the_whole_sets():
+    """Each process estimates its own clips' pitches against its own targets; the scores are everyone's."""
+    waves, target = tones([48, 55, 60, 67, 72], seconds=0.5, seed=5, detune_cents=40)
+    noise = 0.3 * torch.randn(2, 1, SR // 2, generator=torch.Generator().manual_seed(2))
+    waves, target = torch.cat([waves, noise]), torch.cat([target, torch.tensor([60.0, 64.0])])
+    rows: list[torch.Tensor] = []
+    pitch_accuracy(waves[4:], SR, target[4:], gather=lambda r: rows.append(r) or r)
+    gathered = pitch_accuracy(waves[:4], SR, target[:4], gather=two_shares(rows))
+    whole = pitch_accuracy(waves, SR, target)
+    assert 0 < whole["accuracy"] < 1 and 0 < whole["voiced_fraction"] < 1  # detuned, noise: not all right
+    assert gathered == pytest.approx(whole, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ classifier
@@ -225,6 +251,48 @@ def test_evaluate_audio_agrees_with_core(trained):
     assert evaluate_audio(gen.split(20), fr, model)["fad"] == pytest.approx(out["fad"], rel=1e-6)
     stats_only = evaluate_audio(gen, FeatureStats().update(fr), model)
     assert stats_only["fad"] == pytest.approx(out["fad"], rel=1e-6) and "precision" not in stats_only
+    # two shares gathered (a distributed evaluation) score as the whole set
+    rows: list[torch.Tensor] = []
+    evaluate_audio(gen[40:], fr, model, gather=lambda r: rows.append(r) or r)
+    gathered = evaluate_audio(gen[:40], fr, model, gather=two_shares(rows))
+    assert gathered == pytest.approx(out, rel=1e-5)
+
+
+class PitchedTones(Tones):
+    """Tones whose classes are the pitches of PITCHES, as SynthNotes says (pitch accuracy is scored)."""
+
+    def midi_of_label(self, label: int) -> int:
+        return PITCHES[label]
+
+
+def _evaluate_worker(rank: int, port: int, clips: dict, folder: str, out: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    shards = Shards(len(clips["waves"]), 3, init_distributed("cpu"))  # 8 clips: rank 0 draws 0-2 and 6-7, rank 1 3-5
+    estimate = metrics.estimate_pitch  # count the clips this process analyses
+    metrics.estimate_pitch = lambda waves, *args, **kwargs: out.update({("analysed", rank): len(waves)}) or estimate(
+        waves, *args, **kwargs)
+    out[rank] = AudioModality().evaluate(shards.share(clips["waves"]), clips["reference"], labels=clips["labels"],
+                                         classifier_path=folder, shards=shards)  # fmt: skip
+
+
+def test_audio_evaluation_shared_between_two_processes_scores_as_one(trained, tmp_path):
+    """Under torchrun each process scores its own clips (features, pitch) and gathers the rows: the scores
+    of 2 gloo processes are one process's."""
+    model, held, labels, _ = trained
+    model.save(tmp_path / "clf")
+    waves, _ = tones(PITCHES[:7] + [61], seconds=0.5, seed=30, detune_cents=40)
+    clips = {"waves": waves, "labels": torch.tensor([0, 1, 2, 3, 4, 5, 6, 3]),  # the last tone (61) is not 63
+             "reference": PitchedTones(held, labels)}  # fmt: skip
+    alone = AudioModality().evaluate(clips["waves"], clips["reference"], labels=clips["labels"],
+                                     classifier_path=str(tmp_path / "clf"))  # fmt: skip
+    assert alone["pitch_accuracy"] == 7 / 8
+    out = mp.Manager().dict()
+    mp.spawn(_evaluate_worker, args=(free_port(), clips, str(tmp_path / "clf"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert out[rank] == pytest.approx(alone, rel=1e-5), rank
+    assert (out["analysed", 0], out["analysed", 1]) == (5, 3)  # each its own share
 
 
 # ------------------------------------------------------------------------------------------ speed

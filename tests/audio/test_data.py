@@ -308,7 +308,7 @@ def test_the_metrics_read_a_random_crop_folder_with_centred_crops(messy_folder, 
     stub = types.SimpleNamespace(spec=types.SimpleNamespace(sample_rate=SR))
     monkeypatch.setattr(AudioModality, "_classifier", staticmethod(lambda ref, *_: seen.append(ref) or stub))
     monkeypatch.setattr("scm_mm_audio.api.classifier_features", lambda classifier, waves: (waves, None))  # as read
-    monkeypatch.setattr("scm_mm_audio.api.evaluate_audio", lambda waves, real, classifier: seen.append(real) or {})
+    monkeypatch.setattr("scm_mm_audio.api.evaluate_audio", lambda waves, real, classifier, **_: seen.append(real) or {})
     for seed in (0, 1):
         torch.manual_seed(seed)
         AudioModality().evaluate(torch.zeros(2, 1, 8000), random)
