@@ -114,7 +114,7 @@ class GaussianMixture(TrigFlowModel):
             raise ValueError("the exact teacher takes no guidance input; wrap it in ClassifierFreeGuidance")
         x0, z = self.posterior(x_t, t, labels)
         tb = expand_time(t, x_t)
-        return (torch.cos(tb) * z - torch.sin(tb) * x0) / self.sigma_d
+        return ((torch.cos(tb) * z - torch.sin(tb) * x0) / self.sigma_d).to(x_t.dtype)
 
 
 def solve_pf_ode(
@@ -175,4 +175,4 @@ class ExactConsistencyModel(TrigFlowModel):
         cond = {} if labels is None else {"labels": labels}
         f = consistency_function(self.teacher, x_t, t, self.steps, **cond)
         tb = expand_time(t, x_t)
-        return (torch.cos(tb) * x_t - f) / (torch.sin(tb) * self.sigma_d)
+        return ((torch.cos(tb) * x_t - f) / (torch.sin(tb) * self.sigma_d)).to(x_t.dtype)

@@ -283,7 +283,8 @@ class SCMLoss:
         Calls the student under no_grad; the caller replays the random state for the grad forward.
         """
         cs = torch.cos(t) * torch.sin(t)                                      # (B,)
-        F_minus, cs_dF_dt = self.student_jvp(student, (x_t, t), (expand_time(cs, x_t) * dxt_dt, cs), cond)
+        dx = (expand_time(cs, x_t) * dxt_dt).to(x_t.dtype)  # a tangent has its primal's dtype
+        F_minus, cs_dF_dt = self.student_jvp(student, (x_t, t), (dx, cs), cond)
         F_minus, cs_dF_dt = F_minus.to(self.loss_dtype), cs_dF_dt.to(self.loss_dtype)
         tb = expand_time(t, x_t).to(self.loss_dtype)
         x_t, dxt_dt = x_t.to(self.loss_dtype), dxt_dt.to(self.loss_dtype)

@@ -23,6 +23,7 @@ from .trigflow import (
     check_time,
     expand_time,
     flow_s_from_t,
+    time_dtype,
     trigflow_scale,
     vp_alpha_sigma_from_t,
 )
@@ -53,7 +54,7 @@ class TrigFlowModel(nn.Module):
         """
         t_b = expand_time(t, x_t)
         F = self(x_t, t_b.flatten(), **cond)
-        return torch.cos(t_b) * x_t - torch.sin(t_b) * self.sigma_d * F
+        return (torch.cos(t_b) * x_t - torch.sin(t_b) * self.sigma_d * F).to(x_t.dtype)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, **cond: torch.Tensor | None) -> torch.Tensor:
         """dx_t/dt = sigma_d F along the probability-flow ODE (Eq. 3)."""
@@ -189,12 +190,12 @@ class ConvertedTeacher(TrigFlowModel):
         _check_inputs(x_t, t)
         if guidance is not None:
             raise ValueError("a converted teacher takes no guidance input; wrap it in ClassifierFreeGuidance")
-        t = t.to(x_t.dtype)
+        t = t.to(time_dtype(x_t))  # the conversion in fp32 at least, the network in x_t's precision
         alpha, sigma = self.alpha_sigma(t)
         a, s, c, tb = (expand_time(v, x_t) for v in (alpha, sigma, trigflow_scale(alpha, sigma, self.sigma_d), t))
         x = x_t / c
         kwargs = {"labels": labels} if self.conditional else {}
-        out = self.net(x, self.time_input(alpha, sigma), **kwargs).to(x_t.dtype)
+        out = self.net(x.to(x_t.dtype), self.time_input(alpha, sigma), **kwargs).to(x.dtype)
         if self.prediction == "x0":
             x0, eps = out, (x - a * out) / s
         elif self.prediction == "eps":
@@ -203,7 +204,7 @@ class ConvertedTeacher(TrigFlowModel):
             x0, eps = a * x - s * out, s * x + a * out
         else:  # flow: x' = (1 - s) x0 + s eps, velocity = eps - x0
             x0, eps = x - s * out, x + (1 - s) * out
-        return torch.cos(tb) * eps - torch.sin(tb) * x0 / self.sigma_d
+        return (torch.cos(tb) * eps - torch.sin(tb) * x0 / self.sigma_d).to(x_t.dtype)
 
 
 def ddpm_timestep(alphas_cumprod: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -249,5 +250,5 @@ class ClassifierFreeGuidance(TrigFlowModel):
         null = torch.full_like(labels, -1)
         both = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])
         F_c, F_u = self.model(both[0], both[1], labels=both[2]).chunk(2)
-        s = expand_time(guidance.to(F_c.dtype), F_c)
+        s = expand_time(guidance, F_c).to(F_c.dtype)
         return F_u + s * (F_c - F_u)

@@ -35,9 +35,16 @@ def check_time(t: torch.Tensor) -> None:
         raise ValueError(f"TrigFlow time t must lie in [0, pi/2]; got values such as {bad}")
 
 
+def time_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision of times and their coefficients beside x: x's, but never below fp32. In bf16 the
+    first sampling time atan(80 / 0.5) = 1.56454 rounds to 1.5625, which is sigma 61, not 80."""
+    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+
+
 def expand_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample times, (B,) or a scalar, as a (B, 1, ..., 1) tensor that broadcasts against x."""
-    t = torch.as_tensor(t, dtype=torch.float32 if not x.is_floating_point() else x.dtype, device=x.device)
+    """Per-sample times, (B,) or a scalar, as a (B, 1, ..., 1) tensor that broadcasts against x, in
+    `time_dtype(x)`: a product with x in half precision is in fp32."""
+    t = torch.as_tensor(t, dtype=time_dtype(x), device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
@@ -51,7 +58,7 @@ def add_noise(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor | float) -> tor
     if x0.shape != z.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and z {tuple(z.shape)} must have the same shape")
     t = expand_time(t, x0)
-    return torch.cos(t) * x0 + torch.sin(t) * z
+    return (torch.cos(t) * x0 + torch.sin(t) * z).to(x0.dtype)
 
 
 def sample_time(
@@ -99,20 +106,23 @@ def edm_sigma_from_t(t: torch.Tensor, sigma_d: float) -> torch.Tensor:
 def vp_alpha_sigma_from_t(t: torch.Tensor, sigma_d: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The variance-preserving (alpha^2 + sigma^2 = 1) pair at TrigFlow time t.
 
-    sigma / alpha = sigma_d tan t, so alpha = cos(u), sigma = sin(u) with u = atan(sigma_d tan t);
-    for sigma_d = 1 this is alpha = cos t, sigma = sin t.
+    sigma / alpha = sigma_d tan t: (alpha, sigma) is (cos t, sigma_d sin t) normalised, which for sigma_d = 1
+    is (cos t, sin t). Written without tan t, which changes sign just past pi/2, where float32's pi/2 lies
+    (1.5707964): there (alpha, sigma) is (0, 1), not (0, -1).
     """
-    u = torch.atan(sigma_d * torch.tan(t))
-    return torch.cos(u), torch.sin(u)
+    alpha, sigma = torch.cos(t).clamp(min=0), sigma_d * torch.sin(t)
+    norm = torch.hypot(alpha, sigma)
+    return alpha / norm, sigma / norm
 
 
 def flow_s_from_t(t: torch.Tensor, sigma_d: float) -> torch.Tensor:
     """Rectified flow x_s = (1 - s) x0 + s eps: s / (1 - s) = sigma_d tan t.
 
-    Written as sigma_d sin t / (cos t + sigma_d sin t) so that t = pi/2 gives s = 1 exactly.
+    Written as sigma_d sin t / (cos t + sigma_d sin t) so that t = pi/2 gives s = 1 exactly (cos t
+    clamped at 0: float32's pi/2 lies just past it).
     """
     s_sin = sigma_d * torch.sin(t)
-    return s_sin / (torch.cos(t) + s_sin)
+    return s_sin / (torch.cos(t).clamp(min=0) + s_sin)
 
 
 def t_from_flow_s(s: torch.Tensor, sigma_d: float) -> torch.Tensor:

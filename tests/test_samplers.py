@@ -146,6 +146,24 @@ def test_sampling_may_start_at_pi_over_2_given_in_float32(gm):
         sample(model, (16, 2), t_steps=[1.5708, 1.1, 0.0], seed=0)
 
 
+class TimeSpy(ExactConsistencyModel):
+    def forward(self, x_t, t, **cond):
+        self.seen.append(t.clone())
+        return super().forward(x_t.double(), t.double(), **cond).to(x_t.dtype)
+
+
+def test_bfloat16_sampling_keeps_float32_times(gm):
+    """Sampling in bf16 (the state and the network) still gives the network the times in fp32: in bf16
+    t_max = 1.56454 is 1.5625, sigma 61 instead of 80."""
+    model = TimeSpy(gm, steps=8)
+    model.seen = []
+    x = sample(model, (16, 2), seed=0, dtype=torch.bfloat16)
+    assert x.dtype == torch.bfloat16 and torch.isfinite(x).all()
+    times = [t.unique().tolist() for t in model.seen]
+    assert times == [[torch.tensor(consistency_times(2, sigma_d=gm.sigma_d)[0]).item()], [torch.tensor(1.1).item()]]
+    assert all(t.dtype == torch.float32 for t in model.seen)
+
+
 def test_teacher_times_follow_edm():
     ts = teacher_times(18, sigma_d=0.5)
     assert len(ts) == 19 and ts[-1] == 0.0

@@ -98,6 +98,28 @@ def test_converted_teacher_reproduces_exact_F(process, prediction):
     assert torch.allclose(teacher(x_t, t), gm(x_t, t), atol=1e-9)
 
 
+def test_zero_snr_teachers_at_float32s_half_pi():
+    """float32(pi/2) = 1.5707964 lies past pi/2, where tan t is -2.3e7: the VP pair read off tan t was
+    (0, -1) there, so a v-prediction teacher sampled from pi/2 saw a NaN time and returned -F."""
+    half_pi = torch.tensor([math.pi / 2], dtype=torch.float32)
+    assert half_pi.item() > math.pi / 2
+    alpha, sigma = vp_alpha_sigma_from_t(half_pi, SIGMA_D)
+    assert (alpha.item(), sigma.item()) == (0.0, 1.0)
+    assert flow_s_from_t(half_pi, SIGMA_D).item() == 1.0
+    gm = GaussianMixture(torch.randn(3, 4, dtype=torch.float64), 0.4, sigma_d=SIGMA_D)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    schedule = ddpm_timestep(torch.cumprod(1 - betas, 0))
+    seen = []
+    native = NativeTeacher(gm, "vp", "v")
+    teacher = ConvertedTeacher(native, "vp", "v", sigma_d=SIGMA_D,
+                               time_input=lambda a, s: seen.append(schedule(a, s)) or torch.atan2(s, a))  # fmt: skip
+    x_t = SIGMA_D * torch.randn(8, 4, dtype=torch.float64)
+    exact = gm(x_t, torch.full((8,), math.pi / 2, dtype=torch.float64))  # F at zero SNR: -E[x0] / sigma_d
+    F = teacher.to(torch.float32)(x_t.float(), half_pi.expand(8))
+    assert F.dtype == torch.float32 and torch.allclose(F.double(), exact, atol=1e-5)
+    assert seen[-1].tolist() == [999.0] * 8  # the end of the DDPM schedule, not NaN
+
+
 def test_ddpm_timestep_inverts_the_schedule():
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
