@@ -54,7 +54,7 @@ def missing_inception_message(path: str | os.PathLike | None) -> str:
     return (
         f"{where}. features=inception needs pytorch-fid's port of the TF Inception-v3, {INCEPTION_FILE} "
         f"(published at {INCEPTION_URL}). scm-mm never downloads weights: fetch the file yourself, put it on "
-        f"this machine (e.g. ~/.cache/scm_mm/{INCEPTION_FILE}) and pass its path: "
+        f"this machine (e.g. ~/.cache/scm-mm/{INCEPTION_FILE}) and pass its path: "
         f"scm-mm-eval features=inception inception_path=/path/to/{INCEPTION_FILE} (Python: "
         "ImageModality.evaluate(..., inception_path=...)). The offline FID (features=classifier: "
         "ClassifierFeatures, trained on your data by train_classifier) needs no download."

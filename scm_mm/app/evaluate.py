@@ -62,7 +62,7 @@ def check_features(cfg: DictConfig) -> None:
         raise FileNotFoundError(
             f"features=inception needs the FID Inception weights from a local file, but {given}. Fetch "
             "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (scm-mm never downloads), put it on this machine, "
-            "e.g. in ~/.cache/scm_mm/, and pass inception_path=/path/to/pt_inception-2015-12-05-6726825d.pth; "
+            "e.g. in ~/.cache/scm-mm/, and pass inception_path=/path/to/pt_inception-2015-12-05-6726825d.pth; "
             "or use features=classifier (the offline FID, no download)"
         )
 

@@ -11,13 +11,14 @@ built from JSON specs) before the loop sees them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -74,9 +75,29 @@ def require_values(cfg: DictConfig) -> None:
         raise ValueError(f"this run needs a value for {', '.join(missing)} (scm-mm-train ... {missing[0]}=...{hint})")
 
 
-def run(cfg: DictConfig) -> Any:
-    """Train what `cfg` describes; returns the loop's TrainResult (or a modality trainer's result)."""
+# What a method with its own trainer (a vocoder, a video autoencoder) reads of the config: not `train`,
+# `net`, `precond`, `sampler`, `preview` or `evaluation`, which describe an sCM run.
+TRAINER_READS = ("data", "method", "modality", "name", "run_dir", "device", "host_wait_hours", "experiment")
+
+
+def refuse_unread_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse command-line overrides that a method with its own trainer would ignore (train.iters=2 on a
+    vocoder run trained the full 2,000 iterations without a word): its settings are method.trainer.options."""
+    if not cfg.method.get("trainer"):
+        return
+    keys = [override.split("=", 1)[0].lstrip("+~") for override in overrides]
+    unread = [key for key in keys if key.split(".")[0] not in TRAINER_READS]
+    if unread:
+        raise ValueError(f"method {cfg.method.name!r} trains with a loop of its own, which does not read "
+                         f"{', '.join(unread)}; its settings are under method.trainer.options "
+                         "(e.g. method.trainer.options.iters=...)")  # fmt: skip
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Any:
+    """Train what `cfg` describes; returns the loop's TrainResult (or a modality trainer's result).
+    `overrides`: the command line's, checked against what a method with its own trainer reads."""
     require_values(cfg)
+    refuse_unread_overrides(cfg, overrides)
     hours = cfg.get("host_wait_hours")
     info = init_distributed(cfg.device, wait_timeout=timedelta(hours=hours) if hours else None)
     run_dir = Path(cfg.run_dir)
@@ -165,7 +186,7 @@ def run(cfg: DictConfig) -> Any:
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        run(cfg, HydraConfig.get().overrides.task)
     finally:
         leave_distributed()
 

@@ -49,6 +49,16 @@ def runs(tmp_path_factory):
     return root
 
 
+def test_a_vocoder_run_refuses_settings_of_an_scm_run(tmp_path):
+    """train.iters on a vocoder run (whose iterations are method.trainer.options.iters) used to be ignored."""
+    overrides = ["experiment=notes_vocoder", f"run_dir={tmp_path}", "train.iters=2", "+net.hidden=32"]
+    with pytest.raises(ValueError, match=r"does not read train.iters, net.hidden; .* method.trainer.options"):
+        train.run(config("train", overrides), overrides)
+    assert not any(tmp_path.iterdir())  # refused before anything was read or written
+    fine = ["experiment=notes_vocoder", "method.trainer.options.iters=2", "data.dataset.size=4", "device=cpu"]
+    train.refuse_unread_overrides(config("train", fine), fine)
+
+
 def test_runs_write_checkpoints_and_the_student_keeps_the_teachers_mel_statistics(runs):
     for name, iters in (("teacher", 3), ("scd", 2)):
         assert [p.name for p in list_checkpoints(runs / name)] == [f"iter-{iters:09d}"]

@@ -178,7 +178,7 @@ def test_cifar10_experiments_train_unconditionally_on_the_labelled_archive(tmp_p
     small = ["net=mnist_tiny", "+net.in_channels=3", f"data.dataset.root={data}", "train.iters=1",
              "train.precision=fp32", *TINY]  # fmt: skip
     teacher = tmp_path / "teacher"
-    runs = [["data=cifar10", f"run_dir={teacher}"]]  # a diffusion teacher, then the two paper experiments
+    runs = [["experiment=cifar10_teacher", f"run_dir={teacher}"]]  # the teacher, then the two paper experiments
     runs += [[f"experiment={name}", f"{source}={teacher}", f"run_dir={tmp_path / name}"]
              for name, source in (("cifar10_sct", "method.init_from"), ("cifar10_scd", "method.teacher"))]
     for overrides in runs:
