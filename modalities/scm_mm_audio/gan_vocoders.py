@@ -559,9 +559,28 @@ def read_hparams(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any]
     return json.loads(path.read_text()), str(path)
 
 
-def _is_hifigan_file(path: Path) -> bool:
-    """g_<step> from train.py, or generator_* as in the released LJ_V1 / VCTK folders (generator_v1 ...)."""
+def is_generator_file(path: Path) -> bool:
+    """g_<step> from HiFi-GAN's or BigVGAN's train.py (and BigVGAN's v1 releases), or generator_* as in
+    HiFi-GAN's released LJ_V1 / VCTK folders (generator_v1 ...)."""
     return path.is_file() and (path.name.startswith("g_") or path.name.startswith("generator"))
+
+
+def is_bigvgan_config(hparams: Mapping[str, Any]) -> bool:
+    """BigVGAN's config.json names its Snake activation; HiFi-GAN's has none."""
+    return "activation" in hparams
+
+
+def _generator_file(path: Path, what: str, expected: str = "one g_XXXXXXXX or generator_* file") -> Path:
+    """`path` if it is a generator file, else the one generator file in folder `path`."""
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if is_generator_file(p))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path} holds {len(found)} {what} generator files ({[p.name for p in found]}); "
+                                    f"expected {expected}: pass the file itself")  # fmt: skip
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} generator at {path}: expected a g_XXXXXXXX file, config.json beside it")
+    return path
 
 
 def _generator_state(path: Path) -> dict[str, torch.Tensor]:
@@ -604,34 +623,29 @@ def load_hifigan(
     without weight norm) or a folder holding exactly one such file. config: a config.json path or dict;
     by default the config.json beside the generator (inference_e2e.py's rule). Never downloads.
     """
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if _is_hifigan_file(p))
-        if len(found) != 1:
-            raise FileNotFoundError(
-                f"{path} holds {len(found)} HiFi-GAN generator files ({[p.name for p in found]}); expected one "
-                "g_XXXXXXXX or generator_* file: pass the file itself"
-            )
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"no HiFi-GAN generator at {path}: expected a g_XXXXXXXX file, config.json beside it")
+    path = _generator_file(Path(path), "HiFi-GAN")
     h, config_name = read_hparams(path.parent / "config.json" if config is None else config)
     generator = HiFiGANGenerator.from_hparams(h, config_name)
     return _load_generator(generator, path, config_name, device)
 
 
 def load_bigvgan(path: str | Path, device: str | torch.device = "cpu") -> BigVGANGenerator:
-    """An official BigVGAN folder (config.json + bigvgan_generator.pt with key "generator", e.g. a local
-    copy of nvidia/bigvgan_v2_22khz_80band_fmax8k_256x) -> BigVGANGenerator in eval mode, without
-    gradients, on `device`. Weight-norm pairs are fused; the torch activations are used (no CUDA kernel)."""
-    folder = Path(path)
-    weights_path = folder / BIGVGAN_FILE
-    if not (folder / "config.json").is_file() or not weights_path.is_file():
+    """An official BigVGAN -> BigVGANGenerator in eval mode, without gradients, on `device`.
+
+    path: a folder with config.json and bigvgan_generator.pt (a local copy of e.g.
+    nvidia/bigvgan_v2_22khz_80band_fmax8k_256x), or a generator file g_XXXXXXXX as BigVGAN's train.py and
+    its v1 releases save it (with config.json beside it), or a folder holding one; the weights under the key
+    "generator". Weight-norm pairs are fused; the torch activations are used (no CUDA kernel).
+    """
+    path = Path(path)
+    weights_path = (path / BIGVGAN_FILE if (path / BIGVGAN_FILE).is_file()
+                    else _generator_file(path, "BigVGAN", f"{BIGVGAN_FILE} or one g_XXXXXXXX file"))  # fmt: skip
+    if not (weights_path.parent / "config.json").is_file():
         raise FileNotFoundError(
-            f"no BigVGAN at {folder}: expected a folder with config.json and {BIGVGAN_FILE} (a local copy of e.g. "
+            f"no BigVGAN at {path}: expected config.json beside {weights_path.name} (a local copy of e.g. "
             "nvidia/bigvgan_v2_22khz_80band_fmax8k_256x; scm-mm never downloads)"
         )
-    h, config_name = read_hparams(folder / "config.json")
+    h, config_name = read_hparams(weights_path.parent / "config.json")
     generator = BigVGANGenerator.from_hparams(h, config_name)
     return _load_generator(generator, weights_path, config_name, device)
 

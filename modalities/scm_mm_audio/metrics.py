@@ -38,17 +38,18 @@ from .mel import MelSpec, log_mel, mel_spec
 
 
 def _mono(waves: torch.Tensor, what: str = "waves") -> torch.Tensor:
-    """Float (B, samples) or (B, 1, samples) -> (B, samples)."""
-    if not waves.dtype.is_floating_point or waves.ndim not in (2, 3) or (waves.ndim == 3 and waves.shape[1] != 1):
-        raise ValueError(f"{what}: expected float mono waves (B, samples) or (B, 1, samples), "
-                         f"got {waves.dtype} {tuple(waves.shape)}; mix multi-channel audio down first")
-    return waves.reshape(waves.shape[0], waves.shape[-1])
+    """Float (B, samples) or (B, channels, samples) -> (B, samples), the channels averaged: the classifier
+    hears a stereo run's clips (and its reference's, on which it is trained) mixed down."""
+    if not waves.dtype.is_floating_point or waves.ndim not in (2, 3):
+        raise ValueError(f"{what}: expected float waves (B, samples) or (B, channels, samples), "
+                         f"got {waves.dtype} {tuple(waves.shape)}")  # fmt: skip
+    return waves.mean(1) if waves.ndim == 3 else waves
 
 
 class AudioClassifier(nn.Module):
-    """A small CNN over log-mels for the offline FAD / IS: float waves (B, samples) or (B, 1, samples) at
-    `spec.sample_rate` -> (features (B, feature_dim), logits (B, num_classes)). Features are the
-    penultimate layer after its ReLU.
+    """A small CNN over log-mels for the offline FAD / IS: float waves (B, samples) or (B, channels, samples;
+    mixed down) at `spec.sample_rate` -> (features (B, feature_dim), logits (B, num_classes)). Features are
+    the penultimate layer after its ReLU.
 
     wave -> log_mel (spec) -> standardised per clip (mean and std over all bins and frames, so loudness
     does not dominate) -> `stages` x (conv 3x3, GroupNorm, ReLU, max pool 2, ceil mode) over (bins, frames)
@@ -84,7 +85,7 @@ class AudioClassifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def standardised_mel(self, waves: torch.Tensor) -> torch.Tensor:
-        """Waves (B, samples) or (B, 1, samples) -> log-mel standardised per clip (B, n_mels, frames)."""
+        """Waves (B, samples) or (B, channels, samples) -> log-mel standardised per clip (B, n_mels, frames)."""
         x = log_mel(_mono(waves).to(self.head.weight.device, torch.float32), self.spec)
         mean = x.mean(dim=(1, 2), keepdim=True)
         std = x.std(dim=(1, 2), keepdim=True, unbiased=False)

@@ -9,8 +9,8 @@ and carries that spec as `.spec`. Sources, all local (nothing is downloaded):
                                    training run whose <run>/vocoder holds one
     <dir>/config.yaml              an official Vocos checkpoint (charactr/vocos-mel-24khz layout)
     <dir>/bigvgan_generator.pt     an official BigVGAN checkpoint (with its config.json)
-    <file g_* or generator*>,      an official HiFi-GAN generator (with config.json beside it)
-    or a <dir> holding one
+    <file g_* or generator*>,      an official HiFi-GAN or BigVGAN generator (train.py's checkpoints, HiFi-GAN's
+    or a <dir> holding one         and BigVGAN v1's releases), which the config.json beside it tells apart
     any other file                 its folder, when that holds one of the above (a weights file)
 
 The caller (MelCodec.with_vocoder) refuses a vocoder whose spec differs from the model's.
@@ -25,14 +25,22 @@ from typing import Any
 from torch import nn
 
 from .codec import GriffinLim
-from .gan_vocoders import load_bigvgan, load_hifigan
+from .gan_vocoders import BIGVGAN_FILE, is_bigvgan_config, is_generator_file, load_bigvgan, load_hifigan
 from .mel import MelSpec
 from .vocos import load_vocoder_dir, load_vocos
 
 
-def _is_hifigan_generator(path: Path) -> bool:
-    """g_02500000 (training checkpoints) or generator_v1 (the released LJSpeech/VCTK files)."""
-    return path.is_file() and path.name.startswith(("g_", "generator"))
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path} is not a JSON object: {e}") from e
+
+
+def _generator_kind(folder: Path) -> str:
+    """"bigvgan" or "hifigan": whose generator file (g_*, generator_*) `folder` holds, by its config.json."""
+    config = folder / "config.json"
+    return "bigvgan" if config.is_file() and is_bigvgan_config(_read_json(config)) else "hifigan"
 
 
 def load_vocoder(source: Any, spec: MelSpec | None = None) -> nn.Module:
@@ -46,8 +54,8 @@ def load_vocoder(source: Any, spec: MelSpec | None = None) -> nn.Module:
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no vocoder at {path}")
-    if _is_hifigan_generator(path):
-        return load_hifigan(path)
+    if is_generator_file(path):
+        return LOADERS[_generator_kind(path.parent)](path)
     if path.is_file():  # a weights file (pytorch_model.bin, bigvgan_generator.pt, model.safetensors)
         if _folder_kind(path.parent) is None:
             raise ValueError(f"{path} is a file, and its folder holds no vocoder scm-mm can read; pass the "
@@ -67,8 +75,8 @@ def load_vocoder(source: Any, spec: MelSpec | None = None) -> nn.Module:
 
 EXPECTED = (
     "expected a scm-mm vocoder (config.json with 'type') or its training run, a Vocos folder (config.yaml + "
-    "pytorch_model.bin), a BigVGAN folder (config.json + bigvgan_generator.pt) or a HiFi-GAN generator "
-    "(g_XXXXXXXX or generator_*, with config.json beside it)"
+    "pytorch_model.bin), a BigVGAN folder (config.json + bigvgan_generator.pt) or a HiFi-GAN or BigVGAN "
+    "generator (g_XXXXXXXX or generator_*, with config.json beside it)"
 )
 LOADERS = {"scm-mm": load_vocoder_dir, "vocos": load_vocos, "bigvgan": load_bigvgan, "hifigan": load_hifigan}
 
@@ -78,12 +86,12 @@ def _folder_kind(path: Path) -> str | None:
     if not path.is_dir():
         return None
     config = path / "config.json"
-    if config.exists() and "type" in json.loads(config.read_text()):
+    if config.exists() and "type" in _read_json(config):
         return "scm-mm"
     if (path / "config.yaml").exists():
         return "vocos"
-    if (path / "bigvgan_generator.pt").exists():
+    if (path / BIGVGAN_FILE).exists():
         return "bigvgan"
-    if any(_is_hifigan_generator(p) for p in path.iterdir()):
-        return "hifigan"
+    if any(is_generator_file(p) for p in path.iterdir()):
+        return _generator_kind(path)
     return None

@@ -15,6 +15,7 @@ from scm_mm.metrics import FeatureStats, frechet_distance, inception_score, prec
 from scm_mm.train.distributed import Shards, init_distributed
 from scm_mm_audio import metrics
 from scm_mm_audio.api import AudioModality
+from scm_mm_audio.data import SynthNotes
 from scm_mm_audio.mel import mel_spec
 from scm_mm_audio.metrics import (
     AudioClassifier,
@@ -211,10 +212,13 @@ def test_classifier_takes_any_length_and_is_level_invariant():
     assert torch.allclose(model.standardised_mel(noise), model.standardised_mel(0.5 * noise), atol=1e-4)
 
 
-def test_classifier_refuses_bad_inputs():
+def test_classifier_mixes_channels_down_and_refuses_bad_inputs():
     model = AudioClassifier(num_classes=3)
-    with pytest.raises(ValueError, match="mono"):
-        model(torch.randn(2, 2, 1000))
+    stereo = torch.randn(2, 2, 8000, generator=torch.Generator().manual_seed(0))
+    for got, mixed in zip(model(stereo), model(stereo.mean(1, keepdim=True)), strict=True):
+        torch.testing.assert_close(got, mixed)  # a stereo run's clips and its reference are scored mixed down
+    with pytest.raises(ValueError, match="float waves"):
+        model(torch.randint(-100, 100, (2, 1, 1000), dtype=torch.int16))
     waves, midi = tones([60, 61], seconds=0.25)
     with pytest.raises(ValueError, match="22050 Hz"):  # a spec at another rate than the data's
         train_audio_classifier(Tones(waves, midi - 60, sample_rate=22050), 2, max_steps=1, spec="small_16k")
@@ -256,6 +260,29 @@ def test_evaluate_audio_agrees_with_core(trained):
     evaluate_audio(gen[40:], fr, model, gather=lambda r: rows.append(r) or r)
     gathered = evaluate_audio(gen[:40], fr, model, gather=two_shares(rows))
     assert gathered == pytest.approx(out, rel=1e-5)
+
+
+class Stereo(torch.utils.data.Dataset):
+    """A dataset's clips as stereo (the left channel, and half of it on the right), as a `channels: 2` run has."""
+
+    def __init__(self, data):
+        self.data, self.num_classes, self.sample_rate = data, data.num_classes, data.sample_rate
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        wave, label = self.data[i]
+        return torch.cat([wave, 0.5 * wave]), label
+
+
+def test_a_stereo_run_is_evaluated_mixed_down():
+    """The classifier trained on the reference hears its clips mixed down, as the generated ones (it refused
+    stereo items before, so a stereo run could not be evaluated without a classifier_path)."""
+    reference = Stereo(SynthNotes(size=24))
+    waves = torch.stack([reference[i][0] for i in range(6)])
+    scores = AudioModality().evaluate(waves, reference, sample_rate=reference.sample_rate)
+    assert math.isfinite(scores["fad"]) and scores["reference_clips"] == 24
 
 
 class PitchedTones(Tones):

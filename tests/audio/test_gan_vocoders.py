@@ -37,6 +37,7 @@ from scm_mm_audio.gan_vocoders import (
     weight_norm_state,
 )
 from scm_mm_audio.mel import PRESETS, mel_filters
+from scm_mm_audio.vocoders import load_vocoder
 
 MEL_22K = {"sampling_rate": 22050, "n_fft": 1024, "hop_size": 256, "win_size": 1024, "num_mels": 80,
            "fmin": 0, "fmax": 8000}  # fmt: skip
@@ -238,6 +239,15 @@ def test_bigvgan_official_checkpoint_round_trip(tmp_path, name):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert got.abs().max() <= 1.0
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    # BigVGAN's train.py (and its v1 releases) name the generator g_<step>: load_vocoder tells it from a
+    # HiFi-GAN's by the config beside it
+    trained = tmp_path / "trained"
+    _write(trained, "g_05000000", official.state_dict(), h)
+    for source in (trained, trained / "g_05000000"):
+        for vocoder in (load_bigvgan(source), load_vocoder(source)):
+            assert isinstance(vocoder, BigVGANGenerator)
+            with torch.no_grad():
+                torch.testing.assert_close(vocoder(logmel), want, rtol=0, atol=1e-6)
 
 
 # ---- refusals -----------------------------------------------------------------------------------
@@ -281,7 +291,7 @@ def test_loader_refusals_name_the_problem(tmp_path):
     _write(tmp_path, "g_00000001", state, h)
     with pytest.raises(FileNotFoundError, match=r"holds 2 HiFi-GAN generator files"):
         load_hifigan(tmp_path)
-    with pytest.raises(FileNotFoundError, match="bigvgan_generator.pt"):
+    with pytest.raises(FileNotFoundError, match="holds 2 BigVGAN generator files .* bigvgan_generator.pt or one"):
         load_bigvgan(tmp_path)
     with pytest.raises(ValueError, match=r"lacks the field\(s\) \['activation'\]"):
         BigVGANGenerator.from_hparams({k: v for k, v in TINY_BIGVGAN["v2"].items() if k != "activation"})
