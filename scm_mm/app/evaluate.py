@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from scm_mm.modality import sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
-from scm_mm.train.checkpoint import resolve_checkpoint
+from scm_mm.train.checkpoint import resolve_checkpoint, spec_class
 from scm_mm.train.distributed import DistInfo, Shards, from_main, init_distributed, leave_distributed, slowest
 
 from .sample import check_modality, codec_overrides, pick_device
@@ -67,6 +67,26 @@ def check_features(cfg: DictConfig) -> None:
         )
 
 
+def _builds(value: Any) -> bool:
+    """Whether a spec's value holds a `_target_` at any depth."""
+    if isinstance(value, Mapping):
+        return "_target_" in value or any(_builds(v) for v in value.values())
+    return isinstance(value, list | tuple) and any(_builds(v) for v in value)
+
+
+def reference_dataset(ckpt: Path, meta: dict[str, Any]) -> Any:
+    """The training data a checkpoint records, to score against. Its spec comes from the checkpoint's
+    meta.json, so it may name one of scm-mm's Dataset classes and nothing else (`spec_class`)."""
+    spec = meta.get("config", {}).get("data", {}).get("dataset")
+    if spec is None:
+        raise ValueError(f"{ckpt}: the checkpoint records no dataset to compare against")
+    spec_class(spec.get("_target_"), torch.utils.data.Dataset)
+    nested = [key for key, value in spec.items() if key != "_target_" and _builds(value)]
+    if nested:
+        raise ValueError(f"{ckpt}: refusing to build the dataset: its spec builds more objects ({', '.join(nested)})")
+    return instantiate(spec)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     check_features(cfg)
     info = distributed_info(cfg)
@@ -74,10 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pipe = SCMPipeline.load(ckpt, which=cfg.weights, device=info.device, **codec_overrides(cfg))
     check_modality(cfg, pipe)
     solver, steps = pipe.sampler_for(cfg.solver, cfg.steps)  # a teacher's ODE solver unless told otherwise
-    data_cfg = pipe.meta.get("config", {}).get("data", {}).get("dataset")
-    if data_cfg is None:
-        raise ValueError(f"{ckpt}: the checkpoint records no dataset to compare against")
-    reference = instantiate(data_cfg)
+    reference = reference_dataset(ckpt, pipe.meta)
     shards = Shards(cfg.n, cfg.batch_size, info)
     sharded = sharded_evaluation(pipe.modality, shards)
     labels = pipe.labels_for(cfg.n, None)  # a class-conditional model cycles through its classes

@@ -377,15 +377,28 @@ def _import_target(target: object) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def spec_class(target: object, base: type) -> type:
+    """The class a checkpoint's `_target_` names, if it is one of scm-mm's own subclasses of `base`. A
+    checkpoint's meta.json is data: a target naming a function (scm-mm's own prune_checkpoints, say) would
+    be called with the checkpoint's arguments, so it is refused before anything is called."""
+    cls = _import_target(target)
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise ValueError(f"refusing to build {target!r} from a checkpoint: it is not a {base.__name__} class")
+    return cls
+
+
 def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
-    """`{"_target_": "package.module.Name", **kwargs}` -> Name(**kwargs), for scm-mm's own builders only.
+    """`{"_target_": "package.module.Name", **kwargs}` -> Name(**kwargs), for scm-mm's own nn.Module classes
+    and registered preset builders only (`spec_class`).
 
     Nested specs (dicts with a `_target_`) are built first. This mirrors Hydra's instantiate for the
     JSON a checkpoint stores, so loading a model needs no Hydra.
     """
     spec = dict(spec)
     target = spec.pop("_target_", None)
-    builder = _import_target(target)
+    builder = _import_target(target)  # importing a presets module registers its builders
+    if target not in PRESET_BUILDERS:
+        spec_class(target, nn.Module)
     kwargs = {k: build_from_spec(v) if isinstance(v, Mapping) and "_target_" in v else v for k, v in spec.items()}
     module = builder(**kwargs)
     if not isinstance(module, nn.Module):

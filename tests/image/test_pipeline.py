@@ -24,7 +24,7 @@ from PIL import Image
 from scm_mm.app import evaluate, sample, train
 from scm_mm.nn.dit import SelfAttention
 from scm_mm.train.build import load_model
-from scm_mm.train.checkpoint import build_from_spec, list_checkpoints, read_meta
+from scm_mm.train.checkpoint import build_from_spec, list_checkpoints, read_meta, resolve_checkpoint
 from scm_mm_image import ImageSCM
 from scm_mm_image.data import MNIST
 from scm_mm_image.metrics import train_classifier
@@ -102,6 +102,28 @@ def test_eval_app_scores_samples(runs, tmp_path):
     result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=20", "solver=heun", "steps=4",
                                           "churn=5", f"classifier_path={tmp_path / 'clf'}", "device=cpu"]))  # fmt: skip
     assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and result["is_mean"] >= 1
+
+
+def test_a_checkpoint_naming_a_function_to_call_is_refused(runs, tmp_path):
+    """A checkpoint's meta.json is data: a dataset or net `_target_` that names a function (which would be
+    called with the checkpoint's arguments) or another package's class is refused before anything runs."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("kept")
+    run = tmp_path / "run"
+    shutil.copytree(runs / "teacher", run)
+    meta_path = resolve_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    prune = {"_target_": "scm_mm.train.checkpoint.prune_checkpoints", "run_dir": str(runs / "teacher"), "keep_last": 0}
+    opens = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    nested = {"_target_": "scm_mm_image.data.MNIST", "resolution": {"_target_": "shutil.rmtree", "path": str(tmp_path)}}
+    for dataset, message in ((opens, "only"), (prune, "not a Dataset class"), (nested, "builds more")):
+        meta_path.write_text(json.dumps({**meta, "config": {**meta["config"], "data": {"dataset": dataset}}}))
+        with pytest.raises(ValueError, match=message):
+            evaluate.run(config("eval", [f"checkpoint={run}", "n=4", "device=cpu"]))
+    meta_path.write_text(json.dumps({**meta, "model": {**meta["model"], "net": prune}}))
+    with pytest.raises(ValueError, match="not a Module class"):
+        load_model(run)
+    assert victim.read_text() == "kept" and list_checkpoints(runs / "teacher")
 
 
 def test_eval_app_scores_the_samples_a_batch_at_a_time(runs, tmp_path, monkeypatch):
