@@ -22,6 +22,7 @@ from scm_mm.train.checkpoint import (
     load_state,
     load_weights,
     read_meta,
+    weights_digest,
 )
 from scm_mm.train.distributed import DistInfo, per_rank_batch
 from scm_mm.train.loop import TrainOptions, learning_rate, train
@@ -199,6 +200,45 @@ def test_resuming_from_an_older_checkpoint_keeps_what_it_writes(tmp_path):
     assert aside == ["iter-000000004", "iter-000000006"]  # the abandoned timeline, kept for inspection
     again = train(make_model(), DiffusionLoss(), dataset(), options(keep_last=1), tmp_path, meta={"net": NET})
     assert len(again.losses) == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["iter-000000006"]
+
+
+def test_a_log_line_cut_short_is_dropped_and_a_new_run_keeps_the_old_log_aside(tmp_path):
+    first = train(make_model(), DiffusionLoss(), dataset(), options(), tmp_path, meta={"net": NET}, stop_at=5)
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"iteration": 6, "loss": 0.')  # a crash mid-line (a full disk)
+    resumed = train(make_model(), DiffusionLoss(), dataset(), options(), tmp_path, meta={"net": NET})
+    assert len(first.losses) == 5 and len(resumed.losses) == 2
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    train(make_model(), DiffusionLoss(), dataset(), options(iters=2, resume="never"), tmp_path, meta={"net": NET})
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2]
+    (before,) = tmp_path.glob("log-before-*.jsonl")  # the earlier run's log, as its checkpoints, set aside
+    assert len(before.read_text().splitlines()) == 6
+
+
+def digest(model: torch.nn.Module) -> str:
+    return weights_digest(model.state_dict())
+
+
+def test_a_resumed_scd_run_refuses_a_teacher_that_changed(tmp_path):
+    """method.teacher names a run, whose newest checkpoint may change while a student trains: a resumed run
+    refuses another teacher (its weights' digest differs from the one it recorded) and names the one it had."""
+    def meta(teacher, name):
+        return {"net": NET, "teacher": {"checkpoint": str(tmp_path / name), "weights_digest": digest(teacher)}}
+
+    teacher, objective = make_model(), SCMLoss(warmup_iters=4)
+    scd = tmp_path / "scd"
+    train(make_model(guidance=True), objective, dataset(), options(), scd, teacher=teacher,
+          meta=meta(teacher, "teacher-a"), stop_at=3)  # fmt: skip
+    (tmp_path / "teacher-a").mkdir()
+    trained_on = make_model()
+    with torch.no_grad():
+        trained_on.net.conv_out.weight.add_(0.01)
+    with pytest.raises(ValueError, match=r"distills the teacher at .*teacher-a .*method.teacher=.*teacher-a"):
+        train(make_model(guidance=True), objective, dataset(), options(), scd, teacher=trained_on,
+              meta=meta(trained_on, "teacher-b"))  # fmt: skip
+    again = train(make_model(guidance=True), objective, dataset(), options(), scd, teacher=teacher,
+                  meta=meta(teacher, "teacher-a"))  # fmt: skip
+    assert again.iteration == 6
 
 
 def test_resume_auto_falls_back_past_a_checkpoint_cut_short(tmp_path):

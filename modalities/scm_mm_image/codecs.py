@@ -20,7 +20,6 @@ whose settings differ (`check_compatible`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from scm_mm.modality import LOCATION_FIELDS, as_dtype, check_state
+from scm_mm.train.checkpoint import weights_digest
 
 SD_VAE_FT_MSE_MEAN = (1.56, -0.695, 0.483, 0.729)  # raw latent units (before scaling_factor); sCM, latents at 512^2
 SD_VAE_FT_MSE_STD = (5.27, 5.91, 4.21, 4.31)
@@ -113,12 +113,8 @@ def load_vae(path: str | Path) -> Any:
 def _weights_digest(vae: torch.nn.Module) -> str:
     """A short hash of the layers at the latent boundary, cast to fp16 (so an fp16 copy of the same VAE
     matches). Two VAEs with one config but different training (SD-VAE ft-ema vs ft-mse) differ here."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        if name.rsplit(".", 1)[0] in ("encoder.conv_out", "quant_conv", "post_quant_conv", "decoder.conv_out"):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    boundary = ("encoder.conv_out", "quant_conv", "post_quant_conv", "decoder.conv_out")
+    return weights_digest(vae.state_dict(), lambda name: name.rsplit(".", 1)[0] in boundary)
 
 
 @torch.no_grad()

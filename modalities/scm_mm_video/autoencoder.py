@@ -26,7 +26,6 @@ here, the convolutions' receptive field covers the latent frame.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scm_mm.train.checkpoint import load_into, load_module_folder, save_module_folder
+from scm_mm.train.checkpoint import weights_digest as checkpoint_digest  # this module's weights_digest is the VAE's
 
 KIND = "scm-mm-video-vae"
 Cache = dict[nn.Module, Any]  # per-module state of a chunked pass (None: a whole-clip pass)
@@ -321,12 +321,8 @@ class VideoVAE(nn.Module):
 
 def weights_digest(vae: VideoVAE) -> str:
     """sha256 of the fp16 bytes of the layers at the latent boundary and the pixel ends (16 hex digits)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        if name.split(".")[0] in ("enc_in", "enc_out", "dec_in", "dec_out"):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    ends = ("enc_in", "enc_out", "dec_in", "dec_out")
+    return checkpoint_digest(vae.state_dict(), lambda name: name.split(".")[0] in ends)
 
 
 # CPU-sized for the embedded 32x32 Moving-MNIST clips (9 frames -> latent (4, 5, 8, 8)), and a realistic

@@ -37,7 +37,6 @@ CogVideoX's scaling_factor is a single number for the scaled latents and is reco
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -45,6 +44,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from scm_mm.train.checkpoint import weights_digest as checkpoint_digest  # this module's weights_digest is the VAE's
 
 KIND = "diffusers-video-vae"
 
@@ -79,13 +80,9 @@ def weights_digest(vae: nn.Module) -> str:
     (quant convs, LTX-Video's latent statistics). Cheap for a 400M-parameter VAE; it tells apart two
     trainings of one architecture, not an edit deep inside one."""
     boundary = tuple(f"{part}.{end}." for part in ("encoder", "decoder") for end in ("conv_in", "conv_out"))
-    state = vae.state_dict()
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        if name.split(".")[0] not in ("encoder", "decoder") or name.startswith(boundary):
-            digest.update(name.encode())
-            digest.update(state[name].detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return checkpoint_digest(
+        vae.state_dict(), lambda name: name.split(".")[0] not in ("encoder", "decoder") or name.startswith(boundary)
+    )
 
 
 def _factors(name: str, vae: Any) -> tuple[int, int, int]:

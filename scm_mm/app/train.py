@@ -26,7 +26,7 @@ from scm_mm.data import training_set
 from scm_mm.modality import codec_to, get_modality, sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
 from scm_mm.train.build import build_model, load_teacher
-from scm_mm.train.checkpoint import canonical_spec, read_meta, resolve_checkpoint
+from scm_mm.train.checkpoint import canonical_spec, read_meta, resolve_checkpoint, weights_digest
 from scm_mm.train.distributed import Shards, init_distributed, leave_distributed
 from scm_mm.train.loop import TrainOptions, train
 
@@ -122,11 +122,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Any:
         raise ValueError(f"data.shape is {list(cfg.data.shape)} but the codec gives samples of shape {sample_shape}")
 
     spec = model_spec(cfg)
-    teacher = None
+    teacher, teacher_id = None, {}
     if method.get("teacher"):  # sCD: the student starts from the teacher's EMA weights (App. G.2)
-        teacher, model = load_teacher(method.teacher, spec, codec.state())
+        teacher_ckpt = resolve_checkpoint(method.teacher)  # a run: its newest checkpoint, now
+        teacher, model = load_teacher(teacher_ckpt, spec, codec.state())
+        digest = weights_digest(teacher.state_dict())
+        teacher_id = {"teacher": {"checkpoint": str(teacher_ckpt), "weights_digest": digest}}
     elif method.get("init_from"):  # sCT (or fine-tuning) from a diffusion model's EMA weights
-        _, model = load_teacher(method.init_from, spec, codec.state())
+        _, model = load_teacher(method.init_from, spec, codec.state(), distilling=False)
     else:
         torch.manual_seed(cfg.train.seed)
         model = build_model(spec)
@@ -139,6 +142,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> Any:
         "num_classes": int(cfg.data.num_classes),
         "method": method.name,
         "config": plain(cfg),
+        **teacher_id,  # a resumed run refuses another teacher (scm_mm.train.loop)
     }
     if getattr(raw, "fps", None):  # the frame rate of video clips, for the writers
         meta["fps"] = float(raw.fps)

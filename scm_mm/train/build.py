@@ -77,16 +77,22 @@ def load_teacher(
     checkpoint: str | Path,
     student_spec: Mapping[str, Any],
     codec_state: Mapping[str, Any] | None = None,  # the student's codec; must match the teacher's
+    distilling: bool = True,            # an sCD teacher, which must be a diffusion model; False: sCT's start
 ) -> tuple[TrigFlowPrecond, TrigFlowPrecond]:
     """(teacher, student initialised from the teacher's EMA weights), as the paper does (App. G.2).
 
     Refuses a teacher whose architecture, parameterization (sigma_d, time scale) or codec differs,
     with every differing field in the message; where the codec's files lie (its VAE's path) may differ.
+    An sCD teacher trained as a consistency model (sCT, sCD) is refused: its F is no PF-ODE velocity.
     A student-only guidance embedding starts at zero, so the student initially computes exactly the
     teacher's F.
     """
     ckpt = resolve_checkpoint(checkpoint)
     teacher, meta = load_model(ckpt)
+    if distilling and meta.get("method", "diffusion") != "diffusion":
+        raise ValueError(f"the teacher at {ckpt} was trained with method {meta['method']!r}: sCD distills a diffusion "
+                         "model's probability-flow ODE (method=diffusion); to start from a consistency model, use "
+                         "method.init_from")  # fmt: skip
     lines = teacher_mismatch(student_spec, meta["model"])
     if codec_state is not None and "codec" in meta:  # the same VAE at another path is the same codec
         codec_lines = state_differences(without_location(codec_state), without_location(meta["codec"]))

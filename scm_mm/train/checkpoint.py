@@ -18,6 +18,7 @@ the state, json for the rest.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -375,6 +376,17 @@ def _import_target(target: object) -> Any:
         raise ValueError(f"refusing to build {target!r} from a checkpoint: only {ALLOWED_SPEC_PREFIXES} are allowed")
     module_name, _, attr = target.rpartition(".")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def weights_digest(state: Mapping[str, torch.Tensor], keep: Callable[[str], bool] = lambda name: True) -> str:
+    """sha256 (16 hex digits) of the names and fp16 bytes of the tensors of `state` whose names `keep`, in
+    name order: the same for an fp16 copy of the weights, another for another training."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        if keep(name):
+            digest.update(name.encode())
+            digest.update(state[name].detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def spec_class(target: object, base: type) -> type:

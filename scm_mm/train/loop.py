@@ -48,6 +48,7 @@ from .checkpoint import (
     TRAIN_FILES,
     load_state,
     load_weights,
+    read_meta,
     resume_source,
     save_checkpoint,
     set_aside_later_checkpoints,
@@ -269,12 +270,36 @@ def _due(it: int, every: int) -> bool:
     return every > 0 and it % every == 0
 
 
+def _check_same_teacher(saved: dict[str, Any], meta: dict[str, Any], source: Path) -> None:
+    """A resumed sCD run goes on with the teacher it started from: `method.teacher` names a run, whose newest
+    checkpoint may have changed since (the teacher trained on, or pruned the one the student started from)."""
+    before, now = saved.get("teacher"), meta.get("teacher")
+    if before is None or now is None or before["weights_digest"] == now["weights_digest"]:
+        return
+    where = before["checkpoint"]
+    hint = f"resume with method.teacher={where}" if Path(where).is_dir() else f"{where} is gone: restore it"
+    raise ValueError(f"{source} distills the teacher at {where} (weights {before['weights_digest']}), but "
+                     f"method.teacher now gives {now['checkpoint']} (weights {now['weights_digest']}): {hint}, "
+                     "or start a new run_dir")  # fmt: skip
+
+
+def _log_iteration(line: str) -> int | None:
+    """The iteration of a log.jsonl line; None for a line a crash cut short (or an empty one)."""
+    try:
+        return int(json.loads(line).get("iteration", 0))
+    except ValueError:
+        return None
+
+
 def _truncate_log(path: Path, iteration: int) -> None:
-    """Drop log.jsonl lines after `iteration` (logged by a run killed after its last checkpoint), atomically."""
+    """Drop log.jsonl lines after `iteration` (logged by a run killed after its last checkpoint) and lines a
+    crash cut short, atomically."""
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines(keepends=True)
-             if line.strip() and json.loads(line).get("iteration", 0) <= iteration]  # fmt: skip
+             if (logged := _log_iteration(line)) is not None and logged <= iteration]  # fmt: skip
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
     tmp = path.with_name(f"{path.name}.tmp")
     tmp.write_text("".join(lines))
     tmp.replace(path)
@@ -384,6 +409,7 @@ def train(
     it, epoch, micro_in_epoch, skipped = 0, 0, 0, 0
     source = from_main(lambda: resume_source(options.resume, run_dir, required=TRAIN_FILES), info)
     if source is not None:
+        _check_same_teacher(read_meta(source), meta or {}, source)
         state = load_state(source)
         micro_in_epoch = resume_position(state, options, dataset, micro, info, source)  # checks the options first
         weights: dict[str, Any] = dict(load_weights(source))
@@ -417,9 +443,12 @@ def train(
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (TensorBoard loads slowly)
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=it if it > 0 else None)
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=it)  # hides later (or earlier runs') events
+        log = run_dir / "log.jsonl"
         if it > 0:  # as purge_step does for TensorBoard
-            _truncate_log(run_dir / "log.jsonl", it)
+            _truncate_log(log, it)
+        elif log.exists():  # a new run in an old run's folder (resume=never): its log kept aside
+            log.rename(run_dir / f"log-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     bar = tqdm(total=options.iters, initial=it, disable=not (info.is_main and options.progress), desc="train")
     result = TrainResult(iteration=it, skipped_steps=skipped)
     pending: list[torch.Tensor] = []  # per-iteration losses not yet synced to the host

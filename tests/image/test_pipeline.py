@@ -23,7 +23,7 @@ from PIL import Image
 
 from scm_mm.app import evaluate, sample, train
 from scm_mm.nn.dit import SelfAttention
-from scm_mm.train.build import load_model
+from scm_mm.train.build import load_model, load_teacher
 from scm_mm.train.checkpoint import build_from_spec, list_checkpoints, read_meta, resolve_checkpoint
 from scm_mm_image import ImageSCM
 from scm_mm_image.data import MNIST
@@ -237,6 +237,10 @@ def test_a_teacher_of_another_architecture_or_parameterization_is_refused(runs, 
         train.run(config("train", [*base, "+net.model_channels=32"]))
     with pytest.raises(ValueError, match=r"precond\.sigma_d: 1\.0 != 0\.5"):
         train.run(config("train", [*base, "precond.sigma_d=1.0"]))
+    with pytest.raises(ValueError, match=r"trained with method 'scd': sCD distills a diffusion model"):
+        train.run(config("train", [*base, f"method.teacher={runs / 'scd'}"]))  # a consistency model
+    student_spec = read_meta(resolve_checkpoint(runs / "scd"))["model"]
+    assert load_teacher(runs / "scd", student_spec, distilling=False)  # method.init_from may (fine-tuning)
 
 
 def test_a_teacher_with_its_preset_written_out_starts_a_student(runs, tmp_path):
