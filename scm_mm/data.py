@@ -13,6 +13,10 @@ a deterministic raw dataset of the whole items, with its own fingerprint, whose 
 length along the last axis; it is encoded once and cached like any other. `view(x0, generator) -> x0`
 cuts one view from an encoded item; `RandomViews` calls it afresh every time it yields the item, with a
 generator that a resumed run reproduces (`draw_generator`).
+
+Unreadable items. A raw dataset checks its files when it is built, but some faults show only when an item
+is read (a video cut short behind an intact index). Its `__getitem__` then raises `UnreadableItem`, naming
+the file; encoding skips the item with a warning, and the cache holds the others.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hashlib
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,27 @@ from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from .modality import Codec, without_location
 from .train.distributed import DistInfo, barrier, from_main
+
+
+class UnreadableItem(ValueError):
+    """A raw item whose file fails when read (the message names it): encoding skips it (module docstring)."""
+
+
+class _Readable(Dataset):
+    """A raw dataset whose unreadable items come out as None, with a warning naming them."""
+
+    def __init__(self, raw: Dataset) -> None:
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any] | None:
+        try:
+            return self.raw[index]
+        except UnreadableItem as e:
+            warnings.warn(f"skipping an unreadable item: {e}", stacklevel=2)
+            return None
 
 
 def _as_item(media: Any, label: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +180,16 @@ def encode_all(raw: Dataset, codec: Codec, batch_size: int = 64, num_workers: in
     one tensor allocated at the first batch: one copy of the encodings in memory (ImageNet-512's latents
     take 42 GB), not a list of batches and their concatenation. Workers read the raw items."""
     name = _name(raw)
-    loader = DataLoader(raw, batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_Readable(raw), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=functools.partial(_collate, name=name))  # fmt: skip
     n = len(raw)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError(f"{name} has no items to encode")
     x0, labels, start = torch.empty(0), torch.empty(n, dtype=torch.long), 0
-    for media, y in loader:
+    for batch in loader:
+        if batch is None:  # every item of the batch unreadable
+            continue
+        media, y = batch
         x = codec.encode(media).to("cpu", torch.float16)
         if start == 0:
             x0 = torch.empty((n, *x.shape[1:]), dtype=torch.float16)  # (N, C, *dims)
@@ -170,8 +199,10 @@ def encode_all(raw: Dataset, codec: Codec, batch_size: int = 64, num_workers: in
                              "one tensor to train on: give it a fixed length (crop or pad its items)")  # fmt: skip
         x0[start : start + len(x)], labels[start : start + len(x)] = x, y
         start += len(x)
-    if start != n:
-        raise ValueError(f"{name} has {n} items but yielded {start}")
+    if start == 0:
+        raise ValueError(f"none of the {n} items of {name} could be read")
+    if start < n:  # some were unreadable (warned): the cache holds the others
+        x0, labels = x0[:start].clone(), labels[:start].clone()
     return TensorPairs(x0, labels, int(getattr(raw, "num_classes", 0)))
 
 
@@ -180,8 +211,12 @@ def _name(raw: Dataset) -> str:
     return type(raw.dataset if isinstance(raw, Subset) else raw).__name__
 
 
-def _collate(items: list[tuple[Any, Any]], name: str = "the raw dataset") -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [_as_item(m, y) for m, y in items]
+def _collate(
+    items: list[tuple[Any, Any] | None], name: str = "the raw dataset"
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    pairs = _as_items(items)
+    if not pairs:
+        return None
     shapes = sorted({tuple(m.shape) for m, _ in pairs})
     if len(shapes) > 1:
         raise ValueError(f"{name}'s items differ in shape ({', '.join(map(str, shapes[:4]))}), so they cannot "
@@ -195,11 +230,13 @@ def encode_whole(source: Dataset, codec: Codec, batch_size: int = 64, num_worker
     encodings end to end (*lead, total), fp16, "lengths": (N,), "labels": (N,)} (RandomViews' tensors)."""
     pieces: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for chunk in DataLoader(source, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_items):
+    for chunk in DataLoader(_Readable(source), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_items):
         for _, same in itertools.groupby(chunk, key=lambda item: tuple(item[0].shape)):
             group = list(same)
             pieces += codec.encode(torch.stack([m for m, _ in group])).to("cpu", torch.float16).unbind(0)
             labels += [y for _, y in group]
+    if not pieces:
+        raise ValueError(f"none of the items of {_name(source)} could be read")
     leads = {tuple(p.shape[:-1]) for p in pieces}
     if len(leads) > 1:
         raise ValueError(f"encoded items may differ only in their last axis; found leading shapes {sorted(leads)}")
@@ -210,8 +247,9 @@ def encode_whole(source: Dataset, codec: Codec, batch_size: int = 64, num_worker
     }
 
 
-def _as_items(items: list[tuple[Any, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [_as_item(m, y) for m, y in items]
+def _as_items(items: list[tuple[Any, Any] | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The readable items of a batch (`_Readable` gives None for the others)."""
+    return [_as_item(*item) for item in items if item is not None]
 
 
 def training_set(

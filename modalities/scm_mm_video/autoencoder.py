@@ -1,8 +1,10 @@
 """A small causal video autoencoder (KL) with (2+1)-D convolutions, trained by the library on its own clips.
 
 Causal in time, as the CogVideoX and Wan VAEs are: every temporal convolution looks back only (the
-first frame is repeated as padding), so output frame t sees input frames <= t. The first frame is
-encoded on its own and every later group of `temporal_factor` frames becomes one latent frame:
+first frame is repeated as padding), so latent frame j sees the input frames up to the last of its group
+(<= temporal_factor * j), and an output frame those of the latent frames up to its own group's; within a
+group, an output frame may see the group's later input frames. The first frame is encoded on its own and
+every later group of `temporal_factor` frames becomes one latent frame:
 
     T = 1 + temporal_factor * (t - 1) frames  <->  t latent frames,   H = spatial_factor * h
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from scm_mm.data import files_digest
+from scm_mm.data import UnreadableItem, files_digest
 
 from .io import VideoError, VideoInfo, probe, read_video
 
@@ -199,7 +199,8 @@ class VideoFolder(Dataset):
     Each kept file gives clips of `frames` frames at `fps`: "first" (= 1) the opening clip, an int k clips
     with evenly spaced starts (first and last included), "all" every non-overlapping clip. Files that
     cannot be used are reported at build time (`BadVideoWarning`, `skipped`); a file that fails later, when
-    a clip is read, raises `VideoError` naming it.
+    a clip is read (cut short behind an intact index), raises `scm_mm.data.UnreadableItem` naming it, and
+    encoding skips that clip with a warning.
     """
 
     def __init__(
@@ -318,10 +319,13 @@ class VideoFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, start, rate, label = self.items[index]
-        frames, _ = read_video(path, fps=rate, max_frames=self.frames, start=start)  # VideoError names the file
+        try:
+            frames, _ = read_video(path, fps=rate, max_frames=self.frames, start=start)  # VideoError names the file
+        except VideoError as e:
+            raise UnreadableItem(str(e)) from e
         if frames.shape[0] < self.frames:
-            raise VideoError(f"{path}: decoded {frames.shape[0]} of the {self.frames} frames of the clip at "
-                             f"{start:.3f} s (the file is shorter than its header says)")  # fmt: skip
+            raise UnreadableItem(f"{path}: decoded {frames.shape[0]} of the {self.frames} frames of the clip at "
+                                 f"{start:.3f} s (the file is shorter than its header says)")  # fmt: skip
         frames = resize_and_crop(frames, self.size)
         if self.channels == 1:
             frames = to_grey(frames)

@@ -92,15 +92,26 @@ def _factors(name: str, vae: Any) -> tuple[int, int, int]:
         temporal = 2 ** sum(bool(d) for d in config.temperal_downsample)
         spatial = 2 ** (len(config.dim_mult) - 1) * (config.patch_size or 1)
         return temporal, spatial, math.lcm(4, temporal)
-    if name == "AutoencoderKLCogVideoX":
-        temporal = int(config.temporal_compression_ratio)
-        return temporal, 2 ** (len(config.block_out_channels) - 1), 2 * temporal
+    if name == "AutoencoderKLCogVideoX":  # the down blocks but the last halve time, up to the ratio's log2
+        levels = len(config.block_out_channels) - 1
+        temporal = 2 ** min(int(math.log2(config.temporal_compression_ratio)), levels)
+        return temporal, 2**levels, 2 * temporal
     if config.patch_size_t != 1:
         raise ValueError(f"AutoencoderKLLTXVideo with patch_size_t={config.patch_size_t}: diffusers' LTX-Video "
                          "encoder does not run with patch_size_t > 1 (its conv_in ignores it), and no released "
                          "LTX-Video VAE uses it")
     temporal = int(vae.temporal_compression_ratio)
     return temporal, int(vae.spatial_compression_ratio), temporal
+
+
+def _pixel_channels(name: str, config: Any) -> tuple[int, int]:
+    """(in, out) channels of the clips: a Wan2.2 VAE (patch_size 2) folds 2x2 pixels into its in_channels
+    (12 for RGB) inside the model, so the clips have in_channels / 4."""
+    fold = (config.get("patch_size") or 1) ** 2 if name == "AutoencoderKLWan" else 1
+    if config.in_channels % fold or config.out_channels % fold:
+        raise ValueError(f"{name} with patch_size {config.patch_size} needs in_channels and out_channels divisible by "
+                         f"{fold}, got {config.in_channels} and {config.out_channels}")  # fmt: skip
+    return config.in_channels // fold, config.out_channels // fold
 
 
 def _statistics(name: str, vae: Any, channels: int) -> tuple[list[float] | None, list[float] | None]:
@@ -142,10 +153,10 @@ class DiffusersVideoVAE(nn.Module):
         self.vae = vae.eval().requires_grad_(False)
         self.class_name = name
         self.weights_digest = weights_digest(vae)
-        self.vae_channels = int(vae.config.in_channels)
+        self.vae_channels, out_channels = _pixel_channels(name, vae.config)
         self.in_channels = self.vae_channels if media_channels is None else int(media_channels)
-        if self.in_channels not in (1, self.vae_channels) or int(vae.config.out_channels) != self.vae_channels:
-            raise ValueError(f"{name} maps {self.vae_channels} -> {vae.config.out_channels} channels; media_channels "
+        if self.in_channels not in (1, self.vae_channels) or out_channels != self.vae_channels:
+            raise ValueError(f"{name} maps {self.vae_channels} -> {out_channels} channels; media_channels "
                              f"must be {self.vae_channels} or 1 (grey, replicated), got {media_channels}")
         self.latent_channels = int(vae.config.z_dim if name == "AutoencoderKLWan" else vae.config.latent_channels)
         self.temporal_factor, self.spatial_factor, self.frame_step = _factors(name, vae)

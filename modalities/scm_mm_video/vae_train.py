@@ -1,9 +1,11 @@
 """Training the video autoencoder on raw clips, and its reconstruction score.
 
 Objective per clip: L1 on pixels, plus L1 on frame differences (x_t - x_(t-1): the motion, which a
-pixel loss alone under-weights on mostly-black Moving-MNIST frames), plus a KL term with a small
-weight (1e-6 per latent element summed, relative to mean pixel losses: SD's VAE uses 1e-6) that keeps
-the posterior near N(0, I) without blurring; no adversarial or perceptual loss (a CPU recipe).
+pixel loss alone under-weights on mostly-black Moving-MNIST frames), plus a KL term summed over the
+latent elements with weight kl_weight (1e-6 for the digits clips), which keeps the posterior near N(0, I)
+without blurring; no adversarial or perceptual loss (a CPU recipe). Against pixel losses averaged over
+the clip's pixels, that weight is the number of pixels times stronger than the same number in SD's VAE
+loss (which sums its pixel losses): 1e-6 here is 9.2e-3 in SD's terms at 9 x 32 x 32, where SD uses 1e-6.
 
 `train_video_vae` reads top to bottom: resume, then per iteration draw a batch, reconstruct from a
 posterior sample, step AdamW, log, checkpoint. Batch `it` and its posterior noise come from a
@@ -48,7 +50,7 @@ class VAEOptions:
     warmup_iters: int = 100             # linear warmup, then cosine decay to lr_min_ratio * lr
     lr_min_ratio: float = 0.05
     motion_weight: float = 1.0          # L1 on frame differences
-    kl_weight: float = 1e-6             # per latent element, summed (SD's VAE: 1e-6)
+    kl_weight: float = 1e-6             # on the KL summed over a clip's latents; x pixels per clip = SD's weight
     max_grad_norm: float | None = 1.0
     seed: int = 0
     log_every: int = 50

@@ -5,6 +5,8 @@ resampling, resizing, grey and RGB, alpha sources, split files."""
 
 import warnings
 from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from scm_mm.data import UnreadableItem, encode_all
 from scm_mm_video.data import (
     BadVideoWarning,
     MovingDigits,
@@ -21,7 +24,7 @@ from scm_mm_video.data import (
     resize_and_crop,
     to_grey,
 )
-from scm_mm_video.io import VideoError, write_mp4
+from scm_mm_video.io import write_mp4
 
 # ------------------------------------------------------------------------------------------ MovingDigits
 
@@ -291,13 +294,19 @@ def test_flat_layout_and_fingerprint(tmp_path):
     assert str(tmp_path.resolve()) in flat.fingerprint
 
 
-def test_a_file_that_fails_later_names_itself(tmp_path):
+def test_a_file_that_fails_later_names_itself_and_encoding_skips_it(tmp_path):
+    """A fault that shows only when a clip is read (here the file was overwritten after the build; a video cut
+    short behind an intact index does the same) names the file, and encoding the data skips its clips."""
     make_folder(tmp_path)
     data = build(tmp_path, frames=8, resolution=8)
     victim = tmp_path / "cats" / "v_cats_0.mp4"
     victim.write_bytes(b"overwritten")
-    with pytest.raises(VideoError, match="v_cats_0.mp4"):
+    with pytest.raises(UnreadableItem, match="v_cats_0.mp4"):
         data[0]
+    lost = sum(Path(path) == victim for path, *_ in data.items)
+    with pytest.warns(UserWarning, match="skipping an unreadable item: .*v_cats_0.mp4"):
+        encoded = encode_all(data, SimpleNamespace(encode=lambda media: media.float() / 255), batch_size=2)
+    assert 0 < lost < len(data) and len(encoded) == len(data) - lost
 
 
 def test_a_folder_without_usable_videos_is_refused(tmp_path):

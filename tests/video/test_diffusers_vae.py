@@ -21,6 +21,12 @@ TINY = {
              latents_mean=[0.1, -0.2, 0.3, -0.4], latents_std=[1.5, 2.0, 2.5, 3.0]),
         4, 8, 4,
     ),
+    "wan2.2": (  # TI2V-5B's layout: residual blocks, 2x2 patches folded into 12 channels inside the model
+        "AutoencoderKLWan",
+        dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True, patch_size=2,
+             in_channels=12, out_channels=12, latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
+        4, 16, 4,
+    ),
     "cogvideox": (
         "AutoencoderKLCogVideoX",
         dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4),
@@ -181,6 +187,15 @@ def test_unloadable_folders_and_bad_inputs_say_what_is_wrong(folders, tmp_path):
         wan.encode_raw(video(9)[..., :20])
     with pytest.raises(ValueError, match="media_channels"):
         DiffusersVideoVAE(build("wan"), media_channels=2)
+
+
+def test_a_cogvideox_with_fewer_blocks_than_its_ratio_needs_compresses_time_less():
+    """Only the down blocks but the last halve time: with two blocks the ratio 4 of the config is 2."""
+    blocks = {"down_block_types": ("CogVideoXDownBlock3D",) * 2, "up_block_types": ("CogVideoXUpBlock3D",) * 2}
+    vae = DiffusersVideoVAE(build("cogvideox", block_out_channels=(8, 8), **blocks))
+    assert (vae.temporal_factor, vae.spatial_factor, vae.frame_step) == (2, 2, 4)
+    latent = vae.encode_raw(video(9)[..., :16, :16])
+    assert latent.shape[2] == 5 and vae.decode_raw(latent).shape[2] == 9
 
 
 def test_the_three_frame_rules_match_diffusers_outputs(folders):
