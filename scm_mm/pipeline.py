@@ -141,6 +141,10 @@ class SCMPipeline:
         """The x0 shape of one sample lasting `seconds` (audio, video); other media have no duration."""
         raise ValueError(f"{self.modality.name} samples have no duration")
 
+    def cut_to_seconds(self, media: torch.Tensor, seconds: float) -> torch.Tensor:
+        """Decoded media of `shape_for(seconds)` cut to `seconds` (the network's shapes round a duration up)."""
+        return media
+
     def shape_for_frames(self, frames: int) -> list[int]:
         """The x0 shape of one sample of `frames` frames (video); other media have no frames."""
         raise ValueError(f"{self.modality.name} samples have no frames")

@@ -161,6 +161,9 @@ class AudioSCM(SCMPipeline):
         frames = math.ceil(frames / multiple) * multiple
         return [*self.sample_shape[:-1], frames]
 
+    def cut_to_seconds(self, media: torch.Tensor, seconds: float) -> torch.Tensor:
+        return media[..., : round(seconds * self.sample_rate)]
+
     def media_options(self) -> dict[str, Any]:
         return {"sample_rate": self.sample_rate}
 
@@ -182,7 +185,7 @@ class AudioSCM(SCMPipeline):
         codec.vocoder.to(self.device)  # vocode where the model runs (a GPU), not on the CPU
         waves = codec.decode(x0.float()).cpu()
         if seconds is not None:
-            waves = waves[..., : round(seconds * self.sample_rate)]
+            waves = self.cut_to_seconds(waves, seconds)
         self.last = waves
         return waves, self.sample_rate
 

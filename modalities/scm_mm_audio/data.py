@@ -641,6 +641,11 @@ class AudioFolder(Dataset):
             )
         self.fingerprint = self._fingerprint()
 
+    def midi_of_label(self, label: int) -> int | None:
+        """The MIDI pitch of class `label` when the classes are pitches (nsynth with label="pitch": class k is
+        MIDI k), so the metrics score pitch accuracy; None otherwise."""
+        return int(label) if self.layout == "nsynth" and self.label == "pitch" else None
+
     def _fingerprint(self) -> str:
         return (
             f"audio-folder:{self.root.resolve()}:layout={self.layout}:label={self.label}:split={self.split}"

@@ -249,7 +249,11 @@ def save_wav(
     if not sf.check_format(format.upper(), subtype):
         raise ValueError(f"{subtype!r} is not a {format} subtype soundfile writes; "
                          f"see soundfile.available_subtypes({format.upper()!r})")  # fmt: skip
-    x = torch.as_tensor(wave).detach().to("cpu", torch.float64)
+    x = torch.as_tensor(wave).detach()
+    if not x.is_floating_point():  # int16 PCM read as integers would clip to +-1 whole
+        raise ValueError(f"the waveform for {path} is {x.dtype}: expected float samples in [-1, 1] (divide int16 "
+                         "PCM by 32768)")  # fmt: skip
+    x = x.to("cpu", torch.float64)
     x = x[None] if x.ndim == 1 else x
     if x.ndim != 2:
         raise ValueError(f"expected a waveform (channels, samples) or (samples,), got shape {tuple(x.shape)}")
@@ -261,6 +265,9 @@ def save_wav(
     if normalize == "peak":
         x = x * _peak_gain(x, peak)
     elif normalize == "loudness":
+        if x.shape[0] > 5:  # ITU-R BS.1770's channel weights (torchaudio's loudness) cover up to 5.1 without LFE
+            raise ValueError(f"normalize='loudness' measures up to 5 channels; the waveform for {path} has "
+                             f"{x.shape[0]}: use normalize='peak'")  # fmt: skip
         x = x * _loudness_gain(x, sample_rate, loudness_lufs, peak)
     elif normalize is not None:
         raise ValueError(f"normalize must be None, 'peak' or 'loudness', got {normalize!r}")

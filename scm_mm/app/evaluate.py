@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from scm_mm.modality import sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
-from scm_mm.train.checkpoint import resolve_checkpoint, spec_class
+from scm_mm.train.checkpoint import CHECKPOINT_DIR, resolve_checkpoint, spec_class
 from scm_mm.train.distributed import DistInfo, Shards, from_main, init_distributed, leave_distributed, slowest
 
 from .sample import check_modality, codec_overrides, pick_device
@@ -102,7 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.n, steps=steps, method=solver, t_mid=cfg.t_mid, churn=cfg.churn, labels=labels,
         guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size, shard=shards.shard,
     ))  # fmt: skip
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else ckpt.parent.parent.parent / ".cache"
+    run = ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt  # <run>/checkpoints/iter-N, or a folder
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.parent / ".cache"  # beside the run, as scm-mm-train's
     metrics = pipe.modality.evaluate(  # type: ignore[attr-defined]
         media, reference, labels=labels, features=cfg.features, inception_path=cfg.inception_path,
         classifier_path=cfg.classifier_path, cache_dir=cache_dir, device=pipe.device, **pipe.media_options(),

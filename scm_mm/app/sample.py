@@ -61,6 +61,8 @@ def run(cfg: DictConfig) -> list[Path]:
         guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size, shape=shape,
     )  # fmt: skip
     media = torch.cat(list(batches))  # on the CPU: the device held one batch; the time below waited for it
+    if cfg.seconds is not None:
+        media = pipe.cut_to_seconds(media, cfg.seconds)
     seconds = time.perf_counter() - start
     out = cfg.out if cfg.out is not None else f"samples/samples{pipe.modality.default_suffix}"
     paths = pipe.save_media(media, out)

@@ -87,7 +87,8 @@ class TrainOptions:
     ckpt_every: int = 500                # iterations between checkpoints (and one at the end); 0 = at the end only
     keep_last: int = 3                   # checkpoints kept
     sample_every: int = 0                # iterations between sample grids; 0 = never
-    eval_every: int = 0                  # iterations between evaluations; 0 = only `evaluate` at the end
+    eval_every: int = 0                  # iterations between evaluations; 0 = `evaluate` only at the end (the
+                                         # app gives no `evaluate` at 0: train.eval_every=0 evaluates never)
     resume: str = "auto"                 # "auto": latest checkpoint of run_dir if any; "never"; or a path
     progress: bool = True                # the tqdm bar (rank 0)
 

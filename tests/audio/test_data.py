@@ -450,6 +450,9 @@ def test_audio_folder_nsynth_layout(tmp_path):
     assert by_family.labels == [0, 4, 8] and by_family.classes[8] == "string" and by_family.num_classes == 11
     assert len(by_pitch.skipped) == 1 and "flute_synthetic_000-060-050.wav" in by_pitch.skipped[0][0]
     assert by_pitch.fingerprint != by_family.fingerprint
+    # the metrics score pitch accuracy where the classes are pitches
+    assert [by_pitch.midi_of_label(y) for y in by_pitch.labels] == [40, 64, 69]
+    assert by_family.midi_of_label(4) is None
     with pytest.raises(ValueError, match="label"):
         AudioFolder(root, layout="nsynth", label="velocity_class")
 

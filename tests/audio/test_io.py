@@ -62,6 +62,10 @@ def test_save_wav_refuses_bad_arguments(tmp_path):
         save_wav(torch.zeros(16000, 2), tmp_path / "clip.wav", 16000)  # soundfile's (samples, channels)
     with pytest.raises(ValueError, match="transpose"):
         save_wav(torch.zeros(5, 3), tmp_path / "clip.wav", 16000)
+    with pytest.raises(ValueError, match=r"clip.wav is torch.int16: expected float"):  # would clip whole
+        save_wav(torch.full((100,), 1000, dtype=torch.int16), tmp_path / "clip.wav", 16000)
+    with pytest.raises(ValueError, match=r"up to 5 channels; the waveform for .*clip.wav has 6"):
+        save_wav(torch.rand(6, 16000) - 0.5, tmp_path / "clip.wav", 16000, normalize="loudness")
     assert not list(tmp_path.iterdir())
     save_wav(torch.zeros(2, 1), tmp_path / "one-stereo-sample.wav", 16000)  # stereo is never refused
 

@@ -108,7 +108,7 @@ def test_sample_and_eval_apps(runs, tmp_path):
                                          "guidance=1.2", f"vocoder={runs / 'vocoder'}", "seconds=0.7",
                                          "device=cpu"]))  # fmt: skip
     assert [p.name for p in paths] == ["clip-000.wav", "clip-001.wav"]
-    assert sf.info(paths[0]).frames == 45 * 256  # 11,200 samples: 46 frames of 256 (45 rounded up to the patch)
+    assert sf.info(paths[0]).frames == 11_200  # 0.7 s, cut from 46 mel frames (45 rounded up to the patch)
     classifier = train_audio_classifier(SynthNotes(size=48, seconds=0.496), num_classes=12, batch_size=8, max_steps=3)
     classifier.save(tmp_path / "classifier")
     result = evaluate.run(config("eval", [f"checkpoint={runs / 'teacher'}", "n=12", "solver=euler", "steps=2",
