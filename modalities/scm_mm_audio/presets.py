@@ -20,10 +20,12 @@ A config names a preset as {"_target_": "scm_mm_audio.presets.build_mel_net", "n
     mel-dit-s   DiT     speech/music mels (80 or 100 bins), GPU     32.59 (80 bins)
     mel-dit-m   DiT                                                 76.71 (80 bins)
     mel-dit-l   DiT                                                257.19 (80 bins)
-    mel-unet-s  U-Net   the same mels as one-channel images, GPU    23.03
-    mel-unet-m  U-Net                                              121.04
+    mel-unet-s  U-Net   the same mels as one-channel images, GPU    23.03 (80 bins)
+    mel-unet-m  U-Net                                              121.04 (80 bins)
 
-Counted on the meta device; tests/audio/test_presets.py checks them.
+Counted on the meta device; tests/audio/test_presets.py checks them. The U-Nets halve the bins three times,
+so they take bin counts divisible by 8 (80, 64; not the 100 of Vocos's 24 kHz mels, which the DiTs take: their
+tokens are `patch` frames of every bin).
 """
 
 from __future__ import annotations
