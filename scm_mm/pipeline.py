@@ -70,7 +70,10 @@ class SCMPipeline:
             return torch.arange(n) % self.num_classes if self.num_classes else None
         if self.num_classes == 0:
             raise ValueError("this model is unconditional; it takes no labels")
-        out = torch.full((n,), labels) if isinstance(labels, int) else torch.as_tensor(labels).long()
+        out = torch.as_tensor(labels)
+        if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got {out.dtype}")
+        out = out.long().expand(n) if out.ndim == 0 else out.long()  # one label for all
         if out.shape != (n,):
             raise ValueError(f"expected {n} labels, got shape {tuple(out.shape)}")
         if ((out < -1) | (out >= self.num_classes)).any():
@@ -80,11 +83,12 @@ class SCMPipeline:
     def latent_batches(
         self,
         n: int,
-        steps: int = 2,
+        steps: int | None = None,       # None: 2 consistency steps for a student, 32 for a teacher (`sampler_for`)
         labels: int | Sequence[int] | torch.Tensor | None = None,
         guidance: float | None = None,  # the CFG scale input of an sCD student (App. G.2)
         seed: int | None = None,
-        method: str = "consistency",    # or a teacher ODE sampler: "euler", "heun", "dpmpp_2m"
+        method: str | None = None,      # "consistency" or a teacher ODE sampler: "euler", "heun", "dpmpp_2m";
+                                        # None: the checkpoint's (heun for a diffusion teacher)
         t_mid: float = 1.1,
         churn: float = 0.0,             # method="heun" only: EDM's stochastic sampling (S_churn)
         batch_size: int = 64,
@@ -95,6 +99,7 @@ class SCMPipeline:
         from a generator of its own, seeded with `batch_seed(seed, k)`: the same seed and batch size give the
         same samples, however the batches are shared between processes (`shard`, `Shards`). The labels are
         checked now, the samples drawn as the batches are asked for."""
+        method, steps = self.sampler_for(method, steps)
         ys = self.labels_for(n, labels)
         rank, world = shard
         if not 0 <= rank < world:

@@ -170,7 +170,7 @@ class AudioSCM(SCMPipeline):
     def generate(  # type: ignore[override]
         self,
         n: int,
-        steps: int = 2,
+        steps: int | None = None,       # None: 2 consistency steps, or a teacher's 32 heun steps
         seconds: float | None = None,   # None: the training clips' length
         labels: Any = None,             # class ids (pitch, instrument, ...); None: cycle through the classes
         guidance: float | None = None,  # the CFG scale input of an sCD student

@@ -125,7 +125,8 @@ class ImageSCM(SCMPipeline):
     last: torch.Tensor | None = None
 
     def generate(self, n: int, **kwargs: Any) -> torch.Tensor:
-        """n images; keywords: steps=2, labels=None, guidance=None, seed=None, method="consistency", ..."""
+        """n images; keywords: steps, labels=None, guidance=None, seed=None, method, ... (`latent_batches`: by
+        default 2 consistency steps for a student, heun 32 for a diffusion teacher)."""
         self.last = super().generate(n, **kwargs)
         return self.last
 

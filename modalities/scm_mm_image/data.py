@@ -147,7 +147,7 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     16-bit grey keeps its top 8 bits (PIL's own conversion would clip it to white)."""
     if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit PNG
         image = PIL.Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
+    if "transparency" in image.info:  # a palette, grey or RGB PNG's transparent colour (tRNS)
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         image = image.convert("RGBA")
@@ -297,6 +297,10 @@ class NpzImages(_TensorImages):
             labels = None if labels_key is None else npz[labels_key]
         if images.dtype != np.uint8:
             raise ValueError(f"{path}[{images_key!r}] is {images.dtype}; expected uint8 images")
+        if images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[-1] in (1, 3, 4):
+            raise ValueError(f"{path}[{images_key!r}] has shape {images.shape}: NHWC or NCHW cannot be told apart "
+                             "(axis 1 and the last axis could each be the channels, of images at most 4 pixels "
+                             "wide or high)")  # fmt: skip
         if images.ndim == 3:
             images = images[:, None]  # (N, H, W) grey
         elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):

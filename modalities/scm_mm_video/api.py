@@ -152,7 +152,7 @@ class VideoSCM(SCMPipeline):
     def generate(  # type: ignore[override]
         self,
         n: int,
-        steps: int = 2,
+        steps: int | None = None,       # None: 2 consistency steps, or a teacher's 32 heun steps
         frames: int | None = None,      # None: the training length; else rounded up (see the module docstring)
         labels: Any = None,             # class ids; None: cycle through the classes
         guidance: float | None = None,  # the CFG scale input of an sCD student

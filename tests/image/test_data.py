@@ -18,6 +18,7 @@ from scm_mm_image.data import (
     BadImageWarning,
     ImageFolder,
     NpzImages,
+    _to_rgb,
     build_dataset,
     edm2_center_crop,
 )
@@ -202,6 +203,22 @@ def test_npz_layouts_and_keys(tmp_path):
     np.savez(tmp_path / "float.npz", x=nchw.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         NpzImages(tmp_path / "float.npz")
+    np.savez(tmp_path / "tiny.npz", x=_noise(5, 3 * 4 * 4, c=1).reshape(5, 3, 4, 4))  # 4 wide: NHWC too?
+    with pytest.raises(ValueError, match="cannot be told apart"):
+        NpzImages(tmp_path / "tiny.npz")
+
+
+def test_a_transparent_colour_is_composited_onto_white(tmp_path):
+    """PNGs mark a transparent colour (tRNS) in palette, grey and RGB images alike."""
+    grey = np.array([[0, 90]], np.uint8)
+    rgb = np.array([[[10, 20, 30], [90, 90, 90]]], np.uint8)
+    for name, image in (("grey", PIL.Image.fromarray(grey)), ("rgb", PIL.Image.fromarray(rgb)),
+                        ("palette", PIL.Image.fromarray(grey).convert("P"))):  # fmt: skip
+        transparent = (10, 20, 30) if name == "rgb" else 0
+        image.save(tmp_path / f"{name}.png", transparency=transparent)
+        with PIL.Image.open(tmp_path / f"{name}.png") as loaded:
+            pixels = np.asarray(_to_rgb(loaded))
+        assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[0, 1].tolist() == [90, 90, 90], name
 
 
 # ----------------------------------------------------------------------------------------- CIFAR-10
@@ -278,7 +295,7 @@ def test_cifar10_refuses_malicious_pickle(tmp_path):
 
 
 def test_build_dataset(tmp_path):
-    np.savez(tmp_path / "d.npz", x=_noise(2, 4 * 4 * 3, c=1).reshape(2, 4, 4, 3))
+    np.savez(tmp_path / "d.npz", x=_noise(2, 8 * 8 * 3, c=1).reshape(2, 8, 8, 3))
     assert len(build_dataset("npz", path=tmp_path / "d.npz")) == 2
     with pytest.raises(KeyError, match="cifar10"):
         build_dataset("imagenet")

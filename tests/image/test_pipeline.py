@@ -219,6 +219,19 @@ def test_image_api_is_seeded(runs, tmp_path):
     assert model.save_grid(tmp_path / "g.png").exists()
     with pytest.raises(ValueError, match="labels must be in"):
         model.generate(1, labels=[10])
+    one = model.generate(3, labels=3, guidance=1.2, seed=7)  # one label for all, of any integer type
+    for label in (np.int64(3), torch.tensor(3), [3, 3, 3]):
+        assert torch.equal(model.generate(3, labels=label, guidance=1.2, seed=7), one)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        model.generate(2, labels=[1.7, 2.0])
+
+
+def test_generate_samples_a_teacher_with_its_solver_unless_told(runs):
+    """A diffusion teacher's checkpoint samples with heun 32 (as the apps do), a student with 2 steps."""
+    teacher, student = ImageSCM.load(runs / "teacher"), ImageSCM.load(runs / "scd")
+    assert teacher.sampler_for() == ("heun", 32) and student.sampler_for() == ("consistency", 2)
+    for model, told in ((teacher, {"method": "heun", "steps": 32}), (student, {"method": "consistency", "steps": 2})):
+        assert torch.equal(model.sample_latents(2, seed=1), model.sample_latents(2, seed=1, **told))
 
 
 def test_an_unseeded_generate_leaves_the_global_rng_alone(runs):
