@@ -285,13 +285,14 @@ def test_forced_xformers_without_xformers_is_a_clear_error():
 
 
 class _FakeXformers:
-    """xformers.ops' memory_efficient_attention on the CPU: (B, N, H, D), one dtype, or a failure."""
+    """xformers.ops' memory_efficient_attention on the CPU: (B, N, H, D), one dtype, or a failure (for one
+    head dim, or all)."""
 
-    def __init__(self, error: Exception | None = None):
-        self.error, self.dtypes = error, []
+    def __init__(self, error: Exception | None = None, failing_head_dim: int | None = None):
+        self.error, self.failing_head_dim, self.dtypes = error, failing_head_dim, []
 
     def memory_efficient_attention(self, q, k, v, scale=None):
-        if self.error is not None:
+        if self.error is not None and self.failing_head_dim in (None, q.shape[-1]):
             raise self.error
         assert q.dtype == k.dtype == v.dtype, "xformers takes one dtype"
         self.dtypes.append(q.dtype)
@@ -305,7 +306,7 @@ def fake_cuda_xformers(monkeypatch):
 
     def install(ops: _FakeXformers) -> _FakeXformers:
         monkeypatch.setattr(dispatch, "_xformers_ops", lambda: ops)
-        monkeypatch.setattr(dispatch, "_xformers_failure", [])
+        monkeypatch.setattr(dispatch, "_xformers_failure", {})
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
         return ops
 
@@ -352,6 +353,16 @@ def test_auto_falls_back_to_sdpa_once_when_xformers_fails(fake_cuda_xformers):
     torch.testing.assert_close(attention(q, k, v), naive_attention(q, k, v))  # no second try, no warning
     assert len(dispatch._xformers_failure) == 1
     assert auto_backends("cuda")[0] == "sdpa"
+
+
+def test_an_xformers_failure_leaves_only_its_configuration_on_sdpa(fake_cuda_xformers):
+    ops = fake_cuda_xformers(_FakeXformers(NotImplementedError("no kernel for head dim 8"), failing_head_dim=8))
+    q, k, v = _qkv(d=8)
+    with pytest.warns(RuntimeWarning, match="head dim 8"):
+        attention(q, k, v)
+    wide = _qkv(d=16)
+    torch.testing.assert_close(attention(*wide), naive_attention(*wide))
+    assert ops.dtypes == [F64]  # head dim 16 still ran on xformers
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

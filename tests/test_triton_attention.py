@@ -4,6 +4,7 @@ Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by
 these tests check it in every CPU run; with CUDA they check the compiled kernel.
 """
 
+import functools
 import math
 
 import pytest
@@ -351,3 +352,26 @@ def test_launch_grid_puts_batch_times_heads_on_axis_x(monkeypatch):
     with pytest.raises(ValueError, match="exceeds CUDA's"):
         triton_attention.attention_jvp_fused(long, long, long)
     assert len(grids) == 1
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "jvp", "triton"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_causal_attention_through_the_dispatcher(backend, with_mask):
+    """attention(causal=True) is a top-left causal mask (query i sees keys j <= i, as SDPA's is_causal) beside
+    any key mask, on every backend, and its tangent through the JVP ops (float64, Nq != Nk both ways)."""
+    for nq, nk in ((7, 11), (11, 7)):
+        g = torch.Generator().manual_seed(nq)
+        q, tq = (torch.randn(2, 3, nq, 16, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v, tk, tv = (torch.randn(2, 3, nk, 16, generator=g, dtype=torch.float64) for _ in range(4))
+        keys = torch.rand(2, 1, 1, nk, generator=g) > 0.3 if with_mask else None
+        dense = torch.ones(nq, nk, dtype=torch.bool).tril() & (True if keys is None else keys)
+        with attention_backend(backend), torch.no_grad():
+            out = attention(q, k, v, keys, causal=True)
+        ref = naive_attention(q, k, v, dense)
+        torch.testing.assert_close(out, ref, rtol=0, atol=EXACT_ATOL)
+        if backend in ("jvp", "triton"):
+            causal = functools.partial(attention, mask=keys, causal=True)
+            with attention_backend(backend), torch.no_grad():
+                _, t_out = torch.func.jvp(causal, (q, k, v), (tq, tk, tv))
+            _, t_ref = torch.func.jvp(functools.partial(naive_attention, mask=dense), (q, k, v), (tq, tk, tv))
+            torch.testing.assert_close(t_out, t_ref, rtol=0, atol=EXACT_ATOL)

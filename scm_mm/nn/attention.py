@@ -243,7 +243,14 @@ def _xformers_ops() -> ModuleType | None:
     return xformers.ops
 
 
-_xformers_failure: list[str] = []  # why xformers' kernel failed to run here, once it has
+_xformers_failure: dict[tuple, str] = {}  # why xformers' kernel failed to run, per `_xformers_config`
+
+
+def _xformers_config(q: Tensor) -> tuple:
+    """What a failure of xformers' kernel depends on: the device, the dtype it runs in, the head dim."""
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    return q.device, dtype, q.shape[-1]
 
 
 @functools.cache
@@ -262,7 +269,7 @@ _triton_failure: dict[tuple, str] = {}  # why the kernel failed to compile or la
 def _kernel_config(q: Tensor, mask: Tensor | None) -> tuple:
     """What a compile or launch failure of the kernel in "auto" depends on: the device, the dtype and
     head dim (its block sizes, hence its shared memory) and whether it reads a key mask. Shapes that
-    would not launch (grid, int32 offsets) are refused up front (`triton_unsupported`)."""
+    would not launch (its grid) are refused up front (`triton_unsupported`)."""
     return q.device, q.dtype, q.shape[-1], mask is not None
 
 
@@ -275,12 +282,14 @@ def _triton_fits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     return ops.triton_unsupported(*primals, mask, tangent=True) is None
 
 
-def _fused_or_blockwise(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+def _fused_or_blockwise(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, causal: bool = False
+) -> Tensor:
     """The Triton kernel for "auto". Its first failure to compile or launch for a `_kernel_config` (a GPU
     or Triton version it was never built for, too little shared memory for its blocks) is reported once
     and leaves that configuration on `JVPAttention` for the process; the others keep the kernel."""
     try:
-        return _triton_attention().triton_attention(q, k, v, mask, scale)  # type: ignore[union-attr]
+        return _triton_attention().triton_attention(q, k, v, mask, scale, causal)  # type: ignore[union-attr]
     except torch.OutOfMemoryError:
         raise
     except Exception as error:
@@ -288,13 +297,20 @@ def _fused_or_blockwise(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
         config = f"{q.dtype}, head dim {q.shape[-1]}" + (", key mask" if mask is not None else "")
         warnings.warn(f"the fused Triton JVP attention failed ({error!r}); using the blockwise JVP op for "
                       f"{config} from now on", RuntimeWarning, stacklevel=3)  # fmt: skip
-        return jvp_attention(q, k, v, mask, scale)
+        return jvp_attention(q, k, v, _with_causal(mask, q, k) if causal else mask, scale)
+
+
+def _with_causal(mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor:
+    """`mask` and the causal mask (query i sees keys j <= i: the top-left alignment of SDPA's is_causal and
+    of the Triton kernel) as one bool mask, for the ops that take no `causal` (a dense (Nq, Nk) mask)."""
+    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    return causal if mask is None else mask & causal
 
 
 def auto_backends(device: str | torch.device) -> tuple[str, str]:
     """The backends "auto" picks on `device` for an unmasked call: (without a tangent, with one); on CUDA
     "triton" holds for the shapes the kernel takes (`triton_unsupported`), "jvp" for the others (and
-    "jvp" is reported once the kernel has failed for any configuration)."""
+    "jvp" is reported once the kernel has failed for any configuration, "sdpa" once xformers has)."""
     cuda = torch.device(device).type == "cuda"
     forward = "xformers" if cuda and _xformers_ops() is not None and not _xformers_failure else "sdpa"
     tangent = "triton" if cuda and _triton_attention() is not None and not _triton_failure else "jvp"
@@ -329,26 +345,30 @@ def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) ->
 
 
 def _xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-    """xformers for "auto". Its first failure to run (no kernel for this GPU, dtype or head dim) is
-    reported once and leaves "auto" on SDPA for the process."""
+    """xformers for "auto". Its first failure to run for an `_xformers_config` (no kernel for this GPU,
+    dtype or head dim) is reported once and leaves that configuration on SDPA for the process."""
     try:
         return _xformers_attention(q, k, v, scale)
     except torch.OutOfMemoryError:
         raise
     except Exception as error:
-        _xformers_failure.append(repr(error))
-        warnings.warn(f"xformers attention failed ({error!r}); using SDPA from now on", RuntimeWarning, stacklevel=3)
+        _xformers_failure[_xformers_config(q)] = repr(error)
+        _, dtype, head_dim = _xformers_config(q)
+        warnings.warn(f"xformers attention failed ({error!r}); using SDPA for {dtype}, head dim {head_dim} from now "
+                      "on", RuntimeWarning, stacklevel=3)  # fmt: skip
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None, causal: bool = False
 ) -> Tensor:
     """Attention that `torch.func.jvp` can go through: the one entry point for all backbones.
 
     q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv) -> (B, H, Nq, Dv); mask: bool,
     broadcastable to (B, H, Nq, Nk), True = attend (an additive float mask is refused, TypeError);
-    scale defaults to D**-0.5; k, v have q's B and H, or 1 there (broadcast).
+    scale defaults to D**-0.5; k, v have q's B and H, or 1 there (broadcast). causal: query i sees keys
+    j <= i besides the mask (top-left, as SDPA's is_causal); the Triton kernel and SDPA take it as such,
+    the blockwise op and the math backend as a dense (Nq, Nk) mask.
     Backend "auto" (see `attention_backend`): when a tangent is live, the fused Triton kernel on
     CUDA where it fits (`triton_unsupported`) and `JVPAttention` otherwise; else xformers on CUDA
     when installed and there is no mask; else `F.scaled_dot_product_attention`. Under autocast
@@ -362,11 +382,12 @@ def attention(
         # The JVP ops compute in q's dtype with autocast off: give them what SDPA sees (review finding 5).
         q, k, v = _autocast_inputs(q, k, v)
     if backend == "auto" and live and _triton_fits(q, k, v, mask):
-        return _fused_or_blockwise(q, k, v, mask, scale)
+        return _fused_or_blockwise(q, k, v, mask, scale, causal)
     if backend == "auto":
+        plain = mask is None and not causal
         if live:
             backend = "jvp"
-        elif q.is_cuda and mask is None and not _xformers_failure and _xformers_ops() is not None:
+        elif q.is_cuda and plain and _xformers_config(q) not in _xformers_failure and _xformers_ops():
             return _xformers_or_sdpa(q, k, v, scale)
         else:
             backend = "sdpa"
@@ -375,17 +396,20 @@ def attention(
             f"attention backend {backend!r} cannot take a forward-mode tangent: its fused kernels "
             "have no forward-mode AD (pytorch #128971). Use attention_backend('auto') or 'jvp'."
         )
-    if backend == "jvp":
-        return jvp_attention(q, k, v, mask, scale)
     if backend == "triton":
         ops = _triton_attention()
         if ops is None:
             raise RuntimeError("attention backend 'triton' requested but triton is not installed")
-        return ops.triton_attention(q, k, v, mask, scale)
+        return ops.triton_attention(q, k, v, mask, scale, causal)
+    if backend == "xformers":
+        if mask is not None or causal:
+            raise ValueError("attention backend 'xformers' is used here without a mask (or causal) only")
+        return _xformers_attention(q, k, v, scale)
+    if backend == "sdpa" and mask is None:  # SDPA takes is_causal or a mask, not both
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+    mask = _with_causal(mask, q, k) if causal else mask
+    if backend == "jvp":
+        return jvp_attention(q, k, v, mask, scale)
     if backend == "math":
         return naive_attention(q, k, v, mask, scale)
-    if backend == "xformers":
-        if mask is not None:
-            raise ValueError("attention backend 'xformers' is used here without a mask only")
-        return _xformers_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

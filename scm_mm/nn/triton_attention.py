@@ -49,8 +49,9 @@ def interpreting() -> bool:
 
 @triton.jit
 def _load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols):
-    """A (len(rows), len(cols)) tile; rows >= n_rows or cols >= n_cols read as 0."""
-    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    """A (len(rows), len(cols)) tile; rows >= n_rows or cols >= n_cols read as 0. Offsets in int64: a view
+    (v in a fused qkv) spans several times its element count."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
     return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
 
 
@@ -80,7 +81,7 @@ def _attention_jvp_kernel(
     PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 inputs, so fp32 means fp32 (no TF32)
 ):
     # fmt: on
-    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # see `_grid`
+    pid_bh, pid_m = tl.program_id(0).to(tl.int64), tl.program_id(1)  # see `_grid`; int64 offsets below
     b, h = pid_bh // n_heads, pid_bh % n_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_PAD)
@@ -201,9 +202,7 @@ def _layout_problem(q: Tensor, k: Tensor, v: Tensor, block_m: int | None = None)
     if k.shape[-2] != v.shape[-2] or any(x.shape[i] not in (1, q.shape[i]) for x in (k, v) for i in (0, 1)):
         shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
         return f"k and v must share their length and have q's batch and heads (or 1), got {shapes}"
-    if max(q.numel(), k.numel(), v.numel()) >= 2**31:
-        return "the kernel's offsets are int32: split the batch"
-    # B H <= numel(q) < 2^31 fits grid axis x; the query blocks on axis y can exceed 65535.
+    # B H goes on grid axis x (up to 2^31 - 1); the query blocks on axis y can exceed 65535.
     block_m = block_m or _block_sizes(q.shape[-1], q.dtype, q.device)[0]
     grid = _grid(q.shape[0] * q.shape[1], q.shape[2], block_m)
     if any(n > limit for n, limit in zip(grid, MAX_GRID, strict=True)):
