@@ -64,6 +64,8 @@ NETS = {  # name: (build(**options), one sample's (C, *dims), classes under --cf
 
 
 def timed(fn, *args) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the clock starts with no earlier work (a warm-up's) still queued
     start = time.perf_counter()
     fn(*args)
     if torch.cuda.is_available():

@@ -178,11 +178,12 @@ def main() -> None:
 
     teacher_rows = [r for r in rows if r["model"] == "teacher"]
     best = min(teacher_rows, key=lambda r: r["fvd"])
-    scd2 = next(r for r in rows if r["model"] == "scd" and r["steps"] == 2)
+    scd2 = next((r for r in rows if r["model"] == "scd" and r["steps"] == 2), None)  # None: --students sct
+    ratios = {} if scd2 is None else {"scd2_fvd_over_teacher": scd2["fvd"] / best["fvd"],
+                                      "teacher_best_time_over_scd2": best["seconds"] / scd2["seconds"]}  # fmt: skip
     summary = {
         "teacher_best": best,
-        "scd2_fvd_over_teacher": scd2["fvd"] / best["fvd"],
-        "teacher_best_time_over_scd2": best["seconds"] / scd2["seconds"],
+        **ratios,
         "vae_psnr": psnr, "classifier_accuracy": accuracy,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - t_start,
         "args": vars(args), "torch_threads": torch.get_num_threads(),

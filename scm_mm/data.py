@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from .modality import Codec, without_location
+from .train.checkpoint import fsync
 from .train.distributed import DistInfo, barrier, from_main
 
 
@@ -343,4 +344,6 @@ def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, meta: dict[st
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    fsync(tmp)  # on disk before the rename: after a machine crash the cache is whole or absent
     os.replace(tmp, path)  # atomic: a killed encoder never leaves a half-written cache behind
+    fsync(path.parent)

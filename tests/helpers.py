@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 
 class TinyNet(torch.nn.Module):
@@ -41,6 +40,8 @@ class TinyNet(torch.nn.Module):
 
 def config(name: str, overrides: list[str]):
     """The app config `name` (train, sample, eval) composed as the scm-mm-* commands do."""
+    from hydra import compose, initialize_config_module  # here: the GPU checks' machine has no hydra
+
     with initialize_config_module("scm_mm_configs", version_base="1.3"):
         return compose(name, overrides=overrides)
 

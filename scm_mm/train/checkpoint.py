@@ -241,7 +241,7 @@ def cpu_tensors(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str
     return {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file's data, or a folder's entries, to disk."""
     folder = path.is_dir()
     try:
@@ -279,8 +279,8 @@ def writing_directory(path: str | Path) -> Iterator[Path]:
         yield tmp
         for folder, _, names in os.walk(tmp, topdown=False):
             for name in names:
-                _fsync(Path(folder, name))
-            _fsync(Path(folder))
+                fsync(Path(folder, name))
+            fsync(Path(folder))
         if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old one aside first
             os.replace(final, old)
         os.replace(tmp, final)
@@ -289,7 +289,7 @@ def writing_directory(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         _WRITING.discard(tmp.absolute())
-    _fsync(final.parent)
+    fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
