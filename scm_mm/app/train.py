@@ -77,7 +77,7 @@ def require_values(cfg: DictConfig) -> None:
 
 # What a method with its own trainer (a vocoder, a video autoencoder) reads of the config: not `train`,
 # `net`, `precond`, `sampler`, `preview` or `evaluation`, which describe an sCM run.
-TRAINER_READS = ("data", "method", "modality", "name", "run_dir", "device", "host_wait_hours", "experiment")
+TRAINER_READS = ("data", "method", "modality", "name", "run_dir", "device", "host_wait_hours", "experiment", "hydra")
 
 
 def refuse_unread_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:

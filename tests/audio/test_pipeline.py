@@ -55,7 +55,8 @@ def test_a_vocoder_run_refuses_settings_of_an_scm_run(tmp_path):
     with pytest.raises(ValueError, match=r"does not read train.iters, net.hidden; .* method.trainer.options"):
         train.run(config("train", overrides), overrides)
     assert not any(tmp_path.iterdir())  # refused before anything was read or written
-    fine = ["experiment=notes_vocoder", "method.trainer.options.iters=2", "data.dataset.size=4", "device=cpu"]
+    fine = ["experiment=notes_vocoder", "method.trainer.options.iters=2", "data.dataset.size=4", "device=cpu",
+            "hydra.job.chdir=false", "modality=audio_22k"]
     train.refuse_unread_overrides(config("train", fine), fine)
 
 
