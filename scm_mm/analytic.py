@@ -133,7 +133,7 @@ def solve_pf_ode(
     """
     t0 = expand_time(t_from, x).flatten()
     h = (expand_time(t_to, x).flatten() - t0) / steps
-    hb = expand_time(h, x)
+    hb = expand_time(h, x).to(x.dtype)  # the state stays in x's dtype (the times in fp32 at least)
     with torch.no_grad():
         for i in range(steps):
             t = t0 + i * h

@@ -271,11 +271,21 @@ def training_set(
     if views is None:
         items = functools.partial(encode_all, codec=codec, batch_size=batch_size, num_workers=num_workers)
         tensors = _cached(raw, codec, cache_dir, "encoded", lambda share: items(share).tensors(), info)
+        _warn_if_short(tensors["labels"], raw)
         return TensorPairs(tensors["x0"], tensors["labels"], num_classes)
     source, view = views
     whole = functools.partial(encode_whole, codec=codec, batch_size=batch_size, num_workers=num_workers)
     tensors = _cached(source, codec, cache_dir, "views", whole, info)
+    _warn_if_short(tensors["labels"], source)
     return RandomViews(tensors["x0"], tensors["lengths"], tensors["labels"], view, num_classes)
+
+
+def _warn_if_short(labels: torch.Tensor, raw: Dataset) -> None:
+    """Say so when the encodings (fresh or cached) hold fewer items than the raw dataset: some were
+    unreadable when it was encoded, and a cache keeps that until it is deleted."""
+    if len(labels) < len(raw):  # type: ignore[arg-type]
+        warnings.warn(f"training on {len(labels)} of the {len(raw)} items of {_name(raw)}: the others were "  # type: ignore[arg-type]
+                      "unreadable when it was encoded (delete the cache to encode it again)", stacklevel=3)
 
 
 Encode = Callable[[Dataset], dict[str, torch.Tensor]]

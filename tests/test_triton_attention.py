@@ -358,13 +358,14 @@ def test_launch_grid_puts_batch_times_heads_on_axis_x(monkeypatch):
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_causal_attention_through_the_dispatcher(backend, with_mask):
     """attention(causal=True) is a top-left causal mask (query i sees keys j <= i, as SDPA's is_causal) beside
-    any key mask, on every backend, and its tangent through the JVP ops (float64, Nq != Nk both ways)."""
+    any key mask, on every backend, and its tangent through the JVP ops (Nq != Nk both ways; float64 in the
+    interpreter, float32 on a GPU)."""
     for nq, nk in ((7, 11), (11, 7)):
         g = torch.Generator().manual_seed(nq)
-        q, tq = (torch.randn(2, 3, nq, 16, generator=g, dtype=torch.float64) for _ in range(2))
-        k, v, tk, tv = (torch.randn(2, 3, nk, 16, generator=g, dtype=torch.float64) for _ in range(4))
-        keys = torch.rand(2, 1, 1, nk, generator=g) > 0.3 if with_mask else None
-        dense = torch.ones(nq, nk, dtype=torch.bool).tril() & (True if keys is None else keys)
+        q, tq = (torch.randn(2, 3, nq, 16, generator=g, dtype=EXACT).to(DEVICE) for _ in range(2))
+        k, v, tk, tv = (torch.randn(2, 3, nk, 16, generator=g, dtype=EXACT).to(DEVICE) for _ in range(4))
+        keys = (torch.rand(2, 1, 1, nk, generator=g) > 0.3).to(DEVICE) if with_mask else None
+        dense = torch.ones(nq, nk, dtype=torch.bool, device=DEVICE).tril() & (True if keys is None else keys)
         with attention_backend(backend), torch.no_grad():
             out = attention(q, k, v, keys, causal=True)
         ref = naive_attention(q, k, v, dense)

@@ -291,7 +291,9 @@ def pitch_accuracy(
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,  # this process's per-clip rows -> all
                                                            # processes' (Shards.gather); None: one process
 ) -> dict[str, float]:
-    """{"accuracy", "voiced_fraction", "mean_abs_cents_error"} of `estimate_pitch` against the targets.
+    """{"accuracy", "voiced_fraction", "mean_abs_cents_error", "scored_clips"} of `estimate_pitch` against
+    the targets, over the clips whose target pYIN can measure (within the tolerance of MIDI 11.3, two periods
+    in its 128 ms frame, to Nyquist): a class-conditional model of NSynth cycles through MIDI 0-127.
 
     accuracy: fraction of clips within the tolerance; unvoiced clips count as wrong. With integer
     targets and the default 0.5 this is "the rounded estimate equals the target". voiced_fraction:
@@ -308,18 +310,25 @@ def pitch_accuracy(
     x = _waves_numpy(waves)
     if target.shape[0] != x.shape[0]:
         raise ValueError(f"target_midi has {target.shape[0]} entries for {x.shape[0]} clips")
+    lowest = librosa.hz_to_midi(2 / PYIN_FRAME_SECONDS) + 0.01  # pYIN's fmin: two periods in a frame
     top = librosa.hz_to_midi(sample_rate / 2) - 0.01  # pYIN's fmax must stay below Nyquist
-    midi = estimate_pitch(x, sample_rate, fmin=target - search_semitones,
-                          fmax=np.minimum(target + search_semitones, top))
-    if gather is not None:  # (estimate, target) of every process's clips
-        midi, target_rows = gather(torch.stack([midi, torch.from_numpy(target)], 1)).unbind(1)
-        target = target_rows.numpy()
-    error = np.abs(midi.numpy() - target)
-    voiced = np.isfinite(midi.numpy())
+    scored = (target - tolerance_semitones >= lowest) & (target + tolerance_semitones <= top)
+    midi = torch.full((len(target),), math.nan, dtype=torch.float64)
+    if scored.any():
+        midi[torch.from_numpy(scored)] = estimate_pitch(
+            x[scored], sample_rate, fmin=np.maximum(target[scored] - search_semitones, lowest),
+            fmax=np.minimum(target[scored] + search_semitones, top))  # fmt: skip
+    rows = torch.stack([midi, torch.from_numpy(target), torch.from_numpy(scored).double()], 1)
+    if gather is not None:  # (estimate, target, scored) of every process's clips
+        rows = gather(rows)
+    kept = rows[rows[:, 2] > 0]
+    error = (kept[:, 0] - kept[:, 1]).abs().numpy()
+    voiced = np.isfinite(kept[:, 0].numpy())
     return {
-        "accuracy": float(np.mean(voiced & (error < tolerance_semitones))) if len(voiced) else math.nan,
-        "voiced_fraction": float(voiced.mean()) if len(voiced) else math.nan,
+        "accuracy": float(np.mean(voiced & (error < tolerance_semitones))) if len(kept) else math.nan,
+        "voiced_fraction": float(voiced.mean()) if len(kept) else math.nan,
         "mean_abs_cents_error": float(100 * error[voiced].mean()) if voiced.any() else math.nan,
+        "scored_clips": len(kept),
     }
 
 

@@ -319,6 +319,8 @@ class VideoFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, start, rate, label = self.items[index]
+        if not Path(path).is_file():  # moved or unmounted: an error, not damage to skip
+            raise FileNotFoundError(f"{path}: the file is gone since the dataset was built")
         try:
             frames, _ = read_video(path, fps=rate, max_frames=self.frames, start=start)  # VideoError names the file
         except VideoError as e:

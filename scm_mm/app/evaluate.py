@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from scm_mm.modality import sharded_evaluation
 from scm_mm.pipeline import SCMPipeline
-from scm_mm.train.checkpoint import CHECKPOINT_DIR, resolve_checkpoint, spec_class
+from scm_mm.train.checkpoint import CHECKPOINT_DIR, import_target, resolve_checkpoint, spec_class, spec_target
 from scm_mm.train.distributed import DistInfo, Shards, from_main, init_distributed, leave_distributed, slowest
 
 from .sample import check_modality, codec_overrides, pick_device
@@ -80,7 +80,13 @@ def reference_dataset(ckpt: Path, meta: dict[str, Any]) -> Any:
     spec = meta.get("config", {}).get("data", {}).get("dataset")
     if spec is None:
         raise ValueError(f"{ckpt}: the checkpoint records no dataset to compare against")
-    spec_class(spec.get("_target_"), torch.utils.data.Dataset)
+    target = spec.get("_target_")
+    if isinstance(target, str) and target.endswith(".build_dataset"):  # a modality's DATASETS[name](**kwargs)
+        registry = import_target(target.removesuffix("build_dataset") + "DATASETS")
+        if spec.get("name") not in registry:
+            raise ValueError(f"{ckpt}: the dataset spec names {spec.get('name')!r}, which {target} does not build")
+        target = spec_target(registry[spec["name"]])
+    spec_class(target, torch.utils.data.Dataset)
     nested = [key for key, value in spec.items() if key != "_target_" and _builds(value)]
     if nested:
         raise ValueError(f"{ckpt}: refusing to build the dataset: its spec builds more objects ({', '.join(nested)})")

@@ -368,8 +368,8 @@ def load_state(checkpoint: str | Path, rank: int | None = None) -> dict[str, Any
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _import_target(target: object) -> Any:
-    """The object a spec's `_target_` names, for scm-mm's own packages only."""
+def import_target(target: object) -> Any:
+    """The object a spec's `_target_` names, for scm-mm's own packages only (imported, not called)."""
     if not isinstance(target, str):
         raise ValueError(f"a model spec needs a '_target_' string, got {target!r}")
     if not target.startswith(ALLOWED_SPEC_PREFIXES):
@@ -393,7 +393,7 @@ def spec_class(target: object, base: type) -> type:
     """The class a checkpoint's `_target_` names, if it is one of scm-mm's own subclasses of `base`. A
     checkpoint's meta.json is data: a target naming a function (scm-mm's own prune_checkpoints, say) would
     be called with the checkpoint's arguments, so it is refused before anything is called."""
-    cls = _import_target(target)
+    cls = import_target(target)
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise ValueError(f"refusing to build {target!r} from a checkpoint: it is not a {base.__name__} class")
     return cls
@@ -408,7 +408,7 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     """
     spec = dict(spec)
     target = spec.pop("_target_", None)
-    builder = _import_target(target)  # importing a presets module registers its builders
+    builder = import_target(target)  # importing a presets module registers its builders
     if target not in PRESET_BUILDERS:
         spec_class(target, nn.Module)
     kwargs = {k: build_from_spec(v) if isinstance(v, Mapping) and "_target_" in v else v for k, v in spec.items()}
@@ -441,7 +441,7 @@ def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     expanded, the class's defaults fill the arguments left out, and tuples become lists, as in JSON.
     """
     target = spec.get("_target_")
-    builder = _import_target(target)  # importing a presets module registers its builders
+    builder = import_target(target)  # importing a presets module registers its builders
     kwargs = {k: v for k, v in spec.items() if k != "_target_"}
     if target in PRESET_BUILDERS:
         return canonical_spec(PRESET_BUILDERS[str(target)](**kwargs))

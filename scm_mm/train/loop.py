@@ -17,6 +17,7 @@ seed and the EMA must stay as saved (RESUME_FIXED).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -449,7 +450,9 @@ def train(
         if it > 0:  # as purge_step does for TensorBoard
             _truncate_log(log, it)
         elif log.exists():  # a new run in an old run's folder (resume=never): its log kept aside
-            log.rename(run_dir / f"log-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            names = (run_dir / f"log-before-{stamp}-{k}.jsonl" for k in itertools.count())
+            log.rename(next(name for name in names if not name.exists()))  # two new runs in a second: both kept
     bar = tqdm(total=options.iters, initial=it, disable=not (info.is_main and options.progress), desc="train")
     result = TrainResult(iteration=it, skipped_steps=skipped)
     pending: list[torch.Tensor] = []  # per-iteration losses not yet synced to the host

@@ -119,6 +119,16 @@ def test_pitch_accuracy_counts_detuned_and_noise_as_wrong():
     assert pitch_accuracy(good, SR, target, tolerance_semitones=0.3)["accuracy"] == 1.0
 
 
+def test_pitch_accuracy_scores_only_the_targets_pyin_can_measure():
+    """A class-conditional NSynth model cycles through MIDI 0-127: targets below pYIN's lowest pitch (MIDI
+    11.3 in its 128 ms frame) or above Nyquist are left out, not searched for (pYIN refused MIDI 0's range)."""
+    good, target = tones([48, 60, 72], seconds=0.5, seed=3)
+    noise = 0.3 * torch.randn(3, 1, SR // 2, generator=torch.Generator().manual_seed(1))
+    result = pitch_accuracy(torch.cat([good, noise]), SR, torch.cat([target, torch.tensor([0.0, 11.0, 127.0])]))
+    assert result["scored_clips"] == 3 and result["accuracy"] == 1.0 and result["voiced_fraction"] == 1.0
+    assert math.isnan(pitch_accuracy(noise, SR, [0.0, 5.0, 126.0])["accuracy"])
+
+
 def two_shares(first_rows: list[torch.Tensor]):
     """A `gather` for the first of two shares, as Shards.gather with batches the size of a share: it appends
     the rows the second share gave (recorded by its own `gather`, in the same order) to this share's."""

@@ -116,10 +116,14 @@ def test_a_checkpoint_naming_a_function_to_call_is_refused(runs, tmp_path):
     prune = {"_target_": "scm_mm.train.checkpoint.prune_checkpoints", "run_dir": str(runs / "teacher"), "keep_last": 0}
     opens = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
     nested = {"_target_": "scm_mm_image.data.MNIST", "resolution": {"_target_": "shutil.rmtree", "path": str(tmp_path)}}
-    for dataset, message in ((opens, "only"), (prune, "not a Dataset class"), (nested, "builds more")):
+    registry = {"_target_": "scm_mm_image.data.build_dataset", "name": "shutil"}
+    for dataset, message in ((opens, "only"), (prune, "not a Dataset class"), (nested, "builds more"),
+                             (registry, "names 'shutil', which .* does not build")):  # fmt: skip
         meta_path.write_text(json.dumps({**meta, "config": {**meta["config"], "data": {"dataset": dataset}}}))
         with pytest.raises(ValueError, match=message):
             evaluate.run(config("eval", [f"checkpoint={run}", "n=4", "device=cpu"]))
+    built = {"_target_": "scm_mm_image.data.build_dataset", "name": "mnist", "resolution": 16}  # the registry
+    assert isinstance(evaluate.reference_dataset(run, {"config": {"data": {"dataset": built}}}), MNIST)
     meta_path.write_text(json.dumps({**meta, "model": {**meta["model"], "net": prune}}))
     with pytest.raises(ValueError, match="not a Module class"):
         load_model(run)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scm_mm.data import UnreadableItem, encode_all
+from scm_mm.data import UnreadableItem, encode_all, training_set
 from scm_mm_video.data import (
     BadVideoWarning,
     MovingDigits,
@@ -304,9 +304,15 @@ def test_a_file_that_fails_later_names_itself_and_encoding_skips_it(tmp_path):
     with pytest.raises(UnreadableItem, match="v_cats_0.mp4"):
         data[0]
     lost = sum(Path(path) == victim for path, *_ in data.items)
+    codec = SimpleNamespace(encode=lambda media: media.float() / 255, cacheable=True)
     with pytest.warns(UserWarning, match="skipping an unreadable item: .*v_cats_0.mp4"):
-        encoded = encode_all(data, SimpleNamespace(encode=lambda media: media.float() / 255), batch_size=2)
+        encoded = encode_all(data, codec, batch_size=2)
     assert 0 < lost < len(data) and len(encoded) == len(data) - lost
+    with pytest.warns(UserWarning, match=f"training on {len(data) - lost} of the {len(data)} items"):
+        training_set(data, codec)  # what a run says (a cache keeps the skipped items out until deleted)
+    victim.unlink()  # a file moved away (or a disk unmounted) is an error, not damage to skip
+    with pytest.raises(FileNotFoundError, match="v_cats_0.mp4: the file is gone"):
+        data[0]
 
 
 def test_a_folder_without_usable_videos_is_refused(tmp_path):
