@@ -1,5 +1,7 @@
 """Core metrics against slower sources of truth: scipy's sqrtm, closed forms, known score values."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -135,3 +137,15 @@ def test_precision_recall_half_the_modes():
     assert recall == pytest.approx(0.5, abs=0.03)
     # cached real radii give the same answer
     assert precision_recall(real, fake, real_radii=knn_radii(real)) == (precision, recall)
+
+
+def test_feature_scores_of_a_few_samples():
+    """Fewer samples than IS splits or than precision/recall's neighbour rank k: the splits shrink to one
+    sample each and precision and recall are nan, instead of an evaluation of 3 samples failing."""
+    from scm_mm.metrics.classifier import feature_scores
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, generator=g)
+    scores = feature_scores(torch.randn(3, 8, generator=g), logits, torch.randn(20, 8, generator=g), k=3)
+    assert (scores["is_mean"], scores["is_std"]) == pytest.approx(inception_score(logits, splits=3))
+    assert math.isnan(scores["precision"]) and math.isnan(scores["recall"]) and math.isfinite(scores["frechet"])

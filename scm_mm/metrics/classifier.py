@@ -10,6 +10,7 @@ runs that use the same classifier file.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 import warnings
@@ -183,8 +184,9 @@ def feature_scores(
     device: str | torch.device | None = None,    # where precision and recall's distances run; None: the reference's
 ) -> dict[str, float]:
     """{"frechet", "is_mean", "is_std", "precision", "recall"}; precision and recall only when the
-    reference is given as features (not FeatureStats alone). The distances of precision and recall, N x M
-    of them (2.5e9 for FID-50k), are what takes long: on a GPU with `device`."""
+    reference is given as features (not FeatureStats alone), nan when a set has k samples or fewer. The
+    distances of precision and recall, N x M of them (2.5e9 for FID-50k), are what takes long: on a GPU
+    with `device`."""
     ref_stats = reference if isinstance(reference, FeatureStats) else FeatureStats().update(reference)
     stats = FeatureStats().update(features)
     is_mean, is_std = inception_score(logits, splits=min(splits, len(logits)))
@@ -192,5 +194,8 @@ def feature_scores(
            "is_mean": is_mean, "is_std": is_std}  # fmt: skip
     if not isinstance(reference, FeatureStats):
         real, fake = reference.to(device), features.to(device)
-        out["precision"], out["recall"] = precision_recall(real, fake, k=k, real_radii=reference_radii)
+        if min(len(real), len(fake)) > k:  # each set's k-th neighbour radius needs k others
+            out["precision"], out["recall"] = precision_recall(real, fake, k=k, real_radii=reference_radii)
+        else:
+            out["precision"] = out["recall"] = math.nan
     return out
