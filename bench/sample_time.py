@@ -143,12 +143,13 @@ def main() -> None:
     params = sum(p.numel() for p in model.net.parameters())
     print(f"torch {torch.__version__}, {where}, {args.preset} ({params / 1e9:.3f}B), batch {args.batch}")
     print(f"{args.precision} autocast")
-    print("| mode | decode | s per sample | compile s |")
-    print("|---|---|---|---|")
+    print("| mode | decode | s per sample | compile s | max abs x0 - eager's |")
+    print("|---|---|---|---|---|")
     run, inputs = make_sampler(model, vae, shape, args, decode=False)
     print(f"max |x0 - sample_consistency x0| = {check(model, run, inputs, seed=0):.2e}")
     for decode in [False, True] if vae is not None else [False]:
         run, _ = make_sampler(model, vae, shape, args, decode)
+        eager = run().float().clone()  # what a graph or a compiled net must give (x0, or the decoded image)
         for mode in args.modes:
             compile_s = "-"
             if mode == "graph" and device.type != "cuda":
@@ -168,9 +169,10 @@ def main() -> None:
                     torch.cuda.synchronize()
                 compile_s = f"{time.perf_counter() - start:.1f}"
             seconds = median_seconds(fn, args.repeats, warmup=3) / args.batch
+            error = (fn().float() - eager).abs().max().item()
             if mode == "compile":
                 model.net = original
-            print(f"| {mode} | {'VAE' if decode else 'no'} | {seconds:.4f} | {compile_s} |", flush=True)
+            print(f"| {mode} | {'VAE' if decode else 'no'} | {seconds:.4f} | {compile_s} | {error:.2e} |", flush=True)
 
 
 if __name__ == "__main__":
