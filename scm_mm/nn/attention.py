@@ -352,8 +352,9 @@ def _xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> T
     except torch.OutOfMemoryError:
         raise
     except Exception as error:
-        _xformers_failure[_xformers_config(q)] = repr(error)
-        _, dtype, head_dim = _xformers_config(q)
+        config = _xformers_config(q)
+        _xformers_failure[config] = repr(error)
+        _, dtype, head_dim = config
         warnings.warn(f"xformers attention failed ({error!r}); using SDPA for {dtype}, head dim {head_dim} from now "
                       "on", RuntimeWarning, stacklevel=3)  # fmt: skip
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
